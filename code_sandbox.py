@@ -1,0 +1,1443 @@
+"""Sandbox for scoring model-written Python programs (the MBPP reward).
+
+During GRPO the policy writes thousands of programs per step. Some loop forever, exhaust
+memory, fork-bomb, delete files, read secrets, open sockets or try to kill the trainer; some
+return objects whose ``__eq__`` always says True. This module contains all of that on Linux
+without Docker and scores programs in a few milliseconds each.
+
+Design
+------
+* ``Sandbox`` starts long-lived *worker* processes (``python -I -S code_sandbox.py --worker``)
+  with an empty environment. A worker pre-imports the common stdlib modules, isolates itself
+  once (network + mount namespace, dedicated unprivileged uid, Landlock, no_new_privs,
+  non-dumpable) and then forks one fresh child per program. Each child starts a new session,
+  points stdio at /dev/null, closes every other fd, sets rlimits and installs a seccomp filter
+  before running model code. The worker kills the child's process group at the deadline; the
+  parent replaces a worker that stops answering.
+* Results travel as bounded JSON over pipes, never pickle.
+* The child never judges itself (see "Trust" below): the parent compares values it decoded
+  from a strict type-tagged encoding against expected values it evaluated itself.
+
+Trust
+-----
+Model code runs first inside the child, so everything in that process (the encoder, the
+report pipe, builtins) is under its control: it can write anything to the report pipe. The
+protocol is built so that this buys nothing beyond hard-coding answers:
+
+* A test ``assert CALL == EXPECTED`` is split with ``ast``. ``EXPECTED`` is evaluated in the
+  parent when it is a literal (or a small whitelisted constructor expression such as
+  ``set([1, 2])``), so the expected value never enters the child. The child only reports the
+  *value* of ``CALL``. A forged record is therefore just a claim "CALL returned X", which the
+  model could equally produce by returning X; it cannot say "passed".
+* Values are encoded only if their type is exactly int/float/complex/str/bytes/bool/None/
+  list/tuple/dict/set/frozenset (recursively); an int subclass or an always-equal object
+  cannot be encoded, so the test fails. Comparison happens on the decoded plain objects in the
+  parent, whose ``__eq__`` the model does not control.
+* Other assert shapes are split the same way at their top-level operator (``<``, ``in``,
+  ``not``, ``and``/``or``, ``math.isclose``) or, for ``assert EXPR``, by the truthiness of
+  the decoded value. Only operands that reference names defined by the solution are
+  evaluated in the child after the solution ran (weaker: the model could have patched what
+  they call), and only statements that are not a single ``assert`` are executed in the child
+  with a bare pass/fail verdict (weakest; MBPP has none).
+* Duplicate, malformed or unknown records void the whole program (status "error").
+* ``Result.detail`` is built by the parent from fixed strings and a whitelist of builtin
+  exception names, so nothing the child writes (say, a secret it found) reaches logs.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import json
+import math
+import os
+import select
+import signal
+import struct
+import sys
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Program", "Result", "Sandbox", "SandboxUnavailable"]
+
+
+@dataclass(frozen=True)
+class Program:
+    code: str
+    tests: list[str]
+    setup: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    passed: int
+    total: int
+    status: str  # "passed" | "failed" | "timeout" | "error"
+    detail: str = ""
+
+
+class SandboxUnavailable(RuntimeError):
+    """Isolation on this machine is below the minimum and ``unsafe`` was not requested."""
+
+
+# Limits on what crosses process boundaries; generous for MBPP, small enough for the trainer.
+_MAX_CODE = 256 * 1024
+_MAX_REPORT = 4 * 1024 * 1024
+_MAX_REPLY = 8 * 1024 * 1024
+_MAX_DEPTH = 100
+_DETAIL_LEN = 200
+_WORKER_GRACE = 3.0  # seconds a worker gets beyond the program timeout before it is replaced
+_REQUIRED = ("rlimits", "clean-env", "deadline")
+_NETWORK = ("netns", "seccomp", "landlock-net")
+_LAYER_ORDER = (
+    "rlimits",
+    "clean-env",
+    "deadline",
+    "seccomp",
+    "landlock",
+    "landlock-net",
+    "netns",
+    "mntns",
+    "uid",
+)
+_DICT_TYPES = (Counter, OrderedDict, defaultdict)
+_EXC_NAMES = frozenset(
+    n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)
+)
+
+# --------------------------------------------------------------------------------------------
+# Value encoding. JSON scalars (null/bool/number/string) stand for themselves; every JSON
+# array is tagged with its Python type in the first slot.
+# --------------------------------------------------------------------------------------------
+
+
+class _Unencodable(Exception):
+    pass
+
+
+def _encode(v: object, depth: int = 0) -> object:
+    # Containers are always read through the base type's own methods, so a subclass cannot
+    # lie about its contents; it can only be encoded as what it really holds.
+    if depth > _MAX_DEPTH:
+        raise _Unencodable
+    t = type(v)
+    if v is None or t is bool or t is str:
+        return v
+    if t is int:
+        return v if -(2**63) <= v < 2**63 else ["I", hex(v)]
+    if t is float:
+        return v
+    if t is list or t is set or t is frozenset:
+        tag = "l" if t is list else "s" if t is set else "S"
+        return [tag, *[_encode(x, depth + 1) for x in t.__iter__(v)]]
+    if t is tuple or (issubclass(t, tuple) and hasattr(t, "_fields")):  # namedtuple == tuple
+        return ["t", *[_encode(x, depth + 1) for x in tuple.__iter__(v)]]  # type: ignore[arg-type]
+    if t is dict or t in _DICT_TYPES:  # Counter/OrderedDict/defaultdict compare as dicts
+        out: list[object] = ["d"]
+        for k, x in dict.items(v):  # type: ignore[arg-type]
+            out.append(_encode(k, depth + 1))
+            out.append(_encode(x, depth + 1))
+        return out
+    if t is deque:
+        return ["q", *[_encode(x, depth + 1) for x in deque.__iter__(v)]]  # type: ignore[arg-type]
+    if t is complex:
+        return ["c", v.real, v.imag]  # type: ignore[attr-defined]
+    if t is bytes:
+        return ["y", bytes.hex(v)]  # type: ignore[arg-type]
+    raise _Unencodable
+
+
+def _decode(v: object, depth: int = 0) -> object:
+    if depth > _MAX_DEPTH:
+        raise ValueError("too deep")
+    t = type(v)
+    if v is None or t in (bool, str, int, float):
+        return v
+    if t is not list or not v or type(v[0]) is not str:
+        raise ValueError("bad value")
+    tag, rest = v[0], v[1:]
+    if tag == "I":
+        return int(rest[0], 16)
+    if tag == "c":
+        return complex(float(rest[0]), float(rest[1]))
+    if tag == "y":
+        return bytes.fromhex(rest[0])
+    items = [_decode(x, depth + 1) for x in rest]
+    if tag == "l":
+        return items
+    if tag == "t":
+        return tuple(items)
+    if tag == "s":
+        return set(items)
+    if tag == "S":
+        return frozenset(items)
+    if tag == "q":
+        return deque(items)
+    if tag == "d" and len(items) % 2 == 0:
+        return dict(zip(items[::2], items[1::2], strict=True))
+    raise ValueError("bad tag")
+
+
+# --------------------------------------------------------------------------------------------
+# Test planning (parent side): split each assert into child-evaluated probes and a check that
+# the parent applies to the decoded values.
+# --------------------------------------------------------------------------------------------
+
+
+class _NotConst(Exception):
+    pass
+
+
+_FAIL = object()  # a probe that raised, was not encodable, or never reported
+_OK = object()  # an exec probe that completed
+_SAFE_CALLS = {
+    "set": set,
+    "frozenset": frozenset,
+    "list": list,
+    "tuple": tuple,
+    "dict": dict,
+    "sorted": sorted,
+    "float": float,
+    "int": int,
+    "str": str,
+    "complex": complex,
+    "bool": bool,
+    "abs": abs,
+    "range": range,
+}
+_SAFE_CONSTS = {"math.pi": math.pi, "math.e": math.e, "math.inf": math.inf, "math.tau": math.tau}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+    ast.Pow: lambda a, b: a**b,
+}
+
+
+def _const(node: ast.AST) -> object:
+    """Evaluate a dataset-side expression in the parent if it is made of literals only."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = [_const(e) for e in node.elts]
+        return {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)](items)
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise _NotConst
+        return {_const(k): _const(v) for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
+        x = _const(node.operand)
+        if isinstance(node.op, ast.Not):
+            return not x
+        if type(x) not in (int, float, complex):
+            raise _NotConst
+        return -x if isinstance(node.op, ast.USub) else +x
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        a, b = _const(node.left), _const(node.right)
+        # Keep parent-side work tiny: no huge powers or repetitions from odd datasets.
+        if isinstance(node.op, ast.Pow) and (type(b) is not int or abs(b) > 256):
+            if not (type(b) is float and abs(b) < 64):
+                raise _NotConst
+        if isinstance(node.op, ast.Mult) and any(isinstance(x, (str, list, tuple)) for x in (a, b)):
+            if max(x for x in (a, b) if type(x) is int) * 64 > 10**6:
+                raise _NotConst
+        try:
+            return _BINOPS[type(node.op)](a, b)
+        except Exception as e:
+            raise _NotConst from e
+    if isinstance(node, ast.Attribute) and ast.unparse(node) in _SAFE_CONSTS:
+        return _SAFE_CONSTS[ast.unparse(node)]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _SAFE_CALLS
+        and not node.keywords
+        and not any(isinstance(a, ast.Starred) for a in node.args)
+    ):
+        args = [_const(a) for a in node.args]
+        if node.func.id == "range" and len(range(*args)) > 10**5:
+            raise _NotConst
+        try:
+            return _SAFE_CALLS[node.func.id](*args)
+        except Exception as e:
+            raise _NotConst from e
+    raise _NotConst
+
+
+def _eq(got: object, exp: object, depth: int = 0) -> bool:
+    """Equality on decoded plain values: Python semantics for numbers (so ``1 == True`` and
+    ``3.0 == 3`` hold as in the real assert), exact container types, and a tight
+    ``math.isclose`` where the expected value is a float."""
+    tg, te = type(got), type(exp)
+    if depth > _MAX_DEPTH:
+        return False
+    if te is float and tg in (int, float, bool):
+        return got == exp or math.isclose(got, exp, rel_tol=1e-9, abs_tol=1e-12)
+    if te in (list, tuple):
+        if tg is not te or len(got) != len(exp):  # type: ignore[arg-type]
+            return False
+        return all(_eq(g, e, depth + 1) for g, e in zip(got, exp, strict=True))  # type: ignore[call-overload]
+    if te is dict:
+        if tg is not dict or got.keys() != exp.keys():  # type: ignore[attr-defined]
+            return False
+        return all(_eq(got[k], exp[k], depth + 1) for k in exp)  # type: ignore[index]
+    try:
+        return bool(got == exp)
+    except Exception:
+        return False
+
+
+_Operand = tuple[str, object]  # ("const", value) or ("probe", local index)
+_Check = Callable[[list[object]], "bool | None"]
+
+
+class _Planner:
+    def __init__(self) -> None:
+        self.probes: list[tuple[str, str]] = []
+
+    def operand(self, node: ast.expr) -> _Operand:
+        try:
+            return ("const", _const(node))
+        except (_NotConst, RecursionError, ValueError, TypeError, MemoryError):
+            self.probes.append(("v", ast.unparse(node)))
+            return ("probe", len(self.probes) - 1)
+
+    def expr(self, node: ast.expr) -> _Check:
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            inner = self.expr(node.operand)
+            return lambda vals: None if (r := inner(vals)) is None else not r
+        if isinstance(node, ast.BoolOp):
+            parts = [self.expr(v) for v in node.values]
+            want_all = isinstance(node.op, ast.And)
+
+            def boolop(vals: list[object]) -> bool | None:
+                rs = [p(vals) for p in parts]
+                if any(r is None for r in rs):
+                    return None
+                return all(rs) if want_all else any(rs)
+
+            return boolop
+        if (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) in ("math.isclose", "isclose", "cmath.isclose")
+            and len(node.args) == 2
+            and not any(isinstance(a, ast.Starred) for a in node.args)
+            and all(k.arg in ("rel_tol", "abs_tol") for k in node.keywords)
+        ):
+            try:
+                kw = {k.arg: _const(k.value) for k in node.keywords}
+            except _NotConst:
+                kw = None
+            if kw is not None:
+                a, b = self.operand(node.args[0]), self.operand(node.args[1])
+                use_cmath = ast.unparse(node.func) == "cmath.isclose"
+
+                def isclose(vals: list[object]) -> bool | None:
+                    x, y = _value(a, vals), _value(b, vals)
+                    if x is _FAIL or y is _FAIL:
+                        return None
+                    ok = (int, float, complex) if use_cmath else (int, float)
+                    if type(x) not in ok or type(y) not in ok:
+                        return None
+                    try:
+                        f = __import__("cmath").isclose if use_cmath else math.isclose
+                        return bool(f(x, y, **kw))
+                    except (TypeError, ValueError):
+                        return None
+
+                return isclose
+        # Anything else: the truthiness of a plain decoded value cannot be faked.
+        op = self.operand(node)
+
+        def truthy(vals: list[object]) -> bool | None:
+            x = _value(op, vals)
+            return None if x is _FAIL else bool(x)
+
+        return truthy
+
+    def compare(self, node: ast.Compare) -> _Check:
+        nodes = [node.left, *node.comparators]
+        for op, right in zip(node.ops, node.comparators, strict=True):
+            if isinstance(op, (ast.Is, ast.IsNot)) and not (
+                isinstance(right, ast.Constant) and right.value in (None, True, False)
+            ):
+                # Identity of decoded copies is meaningless; judge the whole expression in the
+                # child (weaker, and rare: no MBPP test has this shape).
+                p = self.operand(node)
+                return lambda vals: None if (x := _value(p, vals)) is _FAIL else x is True
+        operands = [self.operand(n) for n in nodes]
+        ops = list(node.ops)
+
+        def check(vals: list[object]) -> bool | None:
+            xs = [_value(o, vals) for o in operands]
+            if any(x is _FAIL for x in xs):
+                return None
+            for op, a, b in zip(ops, xs, xs[1:], strict=False):
+                try:
+                    if isinstance(op, ast.Eq):
+                        ok = _eq(a, b)
+                    elif isinstance(op, ast.NotEq):
+                        ok = not _eq(a, b)
+                    elif isinstance(op, ast.Is):
+                        ok = a is b
+                    elif isinstance(op, ast.IsNot):
+                        ok = a is not b
+                    elif isinstance(op, ast.In):
+                        ok = a in b  # type: ignore[operator]
+                    elif isinstance(op, ast.NotIn):
+                        ok = a not in b  # type: ignore[operator]
+                    elif isinstance(op, ast.Lt):
+                        ok = a < b  # type: ignore[operator]
+                    elif isinstance(op, ast.LtE):
+                        ok = a <= b  # type: ignore[operator]
+                    elif isinstance(op, ast.Gt):
+                        ok = a > b  # type: ignore[operator]
+                    else:
+                        ok = a >= b  # type: ignore[operator]
+                except Exception:
+                    return None
+                if not ok:
+                    return False
+            return True
+
+        return check
+
+
+def _value(op: _Operand, vals: list[object]) -> object:
+    return op[1] if op[0] == "const" else vals[op[1]]  # type: ignore[index]
+
+
+_PLAN_CACHE: dict[str, tuple[tuple[tuple[str, str], ...], _Check]] = {}
+_PLAN_LOCK = threading.Lock()
+
+
+def _plan(test: str) -> tuple[tuple[tuple[str, str], ...], _Check]:
+    """Probes the child must evaluate for one test, and the parent-side verdict on them."""
+    with _PLAN_LOCK:
+        hit = _PLAN_CACHE.get(test)
+    if hit is not None:
+        return hit
+    planner = _Planner()
+    try:
+        body = ast.parse(test).body
+        if len(body) == 1 and isinstance(body[0], ast.Assert):
+            check = planner.expr(body[0].test)
+        else:
+            # Not a single assert: the child's own verdict is all we can get (weakest path).
+            planner.probes = [("x", test)]
+            check = lambda vals: vals[0] is _OK  # noqa: E731
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        planner.probes = []
+        check = lambda vals: False  # noqa: E731
+    plan = (tuple(planner.probes), check)
+    with _PLAN_LOCK:
+        if len(_PLAN_CACHE) > 65536:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[test] = plan
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a child's report (parent side).
+# --------------------------------------------------------------------------------------------
+
+
+def _exc_name(x: object) -> str:
+    return x if isinstance(x, str) and x in _EXC_NAMES else "Exception"
+
+
+def _score(tests: list[str], plans: list, reply: dict, timeout: float) -> Result:
+    total = len(tests)
+    nprobes = sum(len(p[0]) for p in plans)
+    vals: list[object] = [_FAIL] * nprobes
+    seen: set[object] = set()
+    phase_err: tuple[str, str] | None = None
+    ended = False
+    text = reply.get("out", "")
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        for line in text.split("\n"):
+            if not line:
+                continue
+            rec = json.loads(line)
+            if type(rec) is not list or not rec:
+                raise ValueError
+            key = rec[0]
+            if type(key) is not int and key not in ("code", "setup", "end"):
+                raise ValueError
+            if key in seen or ended:
+                raise ValueError  # duplicates or records after the end: forged
+            seen.add(key)
+            if key == "end":
+                ended = True
+            elif key in ("code", "setup"):
+                if rec[1:2] != ["ok"]:
+                    phase_err = (key, _exc_name(rec[2] if len(rec) > 2 else None))
+            else:
+                if not 0 <= key < nprobes or len(rec) < 2:
+                    raise ValueError
+                if rec[1] == "v" and len(rec) == 3:
+                    try:
+                        vals[key] = _decode(rec[2])
+                    except (ValueError, TypeError, IndexError, RecursionError):
+                        vals[key] = _FAIL
+                elif rec[1] == "ok" and len(rec) == 2:
+                    vals[key] = _OK
+                elif rec[1] != "e":
+                    raise ValueError
+    except (ValueError, TypeError, RecursionError):
+        return Result(0, total, "error", "malformed report from the sandboxed program")
+    # Tests count only once the solution and the setup ran (this also keeps constant tests
+    # such as `assert True` from passing on their own).
+    ran = "setup" in seen and phase_err is None
+    passed = 0
+    first_fail = None
+    offset = 0
+    for i, (probes, check) in enumerate(plans):
+        n = len(probes)
+        try:
+            ok = ran and check(vals[offset : offset + n]) is True
+        except Exception:
+            ok = False
+        offset += n
+        passed += ok
+        if not ok and first_fail is None:
+            first_fail = i
+    if reply.get("timed_out"):
+        return Result(passed, total, "timeout", f"timed out after {timeout:g}s")
+    if phase_err is not None:
+        what = "solution" if phase_err[0] == "code" else "test setup"
+        return Result(passed, total, "error", f"{what} raised {phase_err[1]}")
+    if reply.get("overflow"):
+        return Result(0, total, "error", "report too large")
+    if not ended:
+        sig = reply.get("signal")
+        if isinstance(sig, int) and sig:
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            why = {"SIGXCPU": "CPU limit", "SIGXFSZ": "file size limit"}.get(name, name)
+            return Result(passed, total, "error", f"killed by {why}")
+        code = reply.get("exit")
+        if code == 70:
+            return Result(0, total, "error", "sandbox setup failed in the child")
+        return Result(passed, total, "error", f"exited before the tests finished ({code!s:.8})")
+    if passed == total:
+        return Result(passed, total, "passed", "")
+    return Result(passed, total, "failed", f"test {first_fail} failed")
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side: worker pool.
+# --------------------------------------------------------------------------------------------
+
+
+def _send(fd: int, obj: object) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    data = struct.pack(">I", len(data)) + data
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _Worker:
+    def __init__(self, config: dict) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__), "--worker", json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},
+            cwd="/",
+            close_fds=True,
+            start_new_session=True,  # keep terminal signals (Ctrl-C) away from the workers
+        )
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        self.wfd = self.proc.stdin.fileno()
+        self.rfd = self.proc.stdout.fileno()
+        self.buf = bytearray()
+        self.job: tuple | None = None
+        self.deadline = 0.0
+        try:
+            hello = self.read_message(time.monotonic() + 60.0)
+        except Exception as e:
+            err = b""
+            self.kill()
+            try:
+                err = self.proc.stderr.read()[-2000:]
+            except Exception:
+                pass
+            raise RuntimeError(
+                f"sandbox worker failed to start: {e}: {err.decode(errors='replace')}"
+            ) from e
+        self.proc.stderr.close()
+        self.layers: dict[str, bool] = hello["layers"]
+        self.info: dict = hello
+        self.cleanup: str | None = hello.get("cleanup")
+
+    def read_message(self, deadline: float) -> dict:
+        while True:
+            msg = self.take()
+            if msg is not None:
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer")
+            if not select.select([self.rfd], [], [], left)[0]:
+                continue
+            self.feed()
+
+    def feed(self) -> None:
+        chunk = os.read(self.rfd, 1 << 20)
+        if not chunk:
+            raise EOFError("worker exited")
+        self.buf += chunk
+        if len(self.buf) > _MAX_REPLY + 4:
+            raise ValueError("worker reply too large")
+
+    def take(self) -> dict | None:
+        if len(self.buf) < 4:
+            return None
+        (n,) = struct.unpack(">I", self.buf[:4])
+        if n > _MAX_REPLY:
+            raise ValueError("worker reply too large")
+        if len(self.buf) < 4 + n:
+            return None
+        data = bytes(self.buf[4 : 4 + n])
+        del self.buf[: 4 + n]
+        msg = json.loads(data)
+        if type(msg) is not dict:
+            raise ValueError("bad worker reply")
+        return msg
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()  # type: ignore[union-attr]
+            except Exception:
+                pass
+        if self.cleanup if hasattr(self, "cleanup") else None:
+            import shutil
+
+            shutil.rmtree(self.cleanup, ignore_errors=True)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]  # EOF makes the worker exit
+            self.proc.wait(timeout=2)
+        except Exception:
+            pass
+        self.kill()
+
+
+class Sandbox:
+    """Runs batches of untrusted programs with the strongest isolation the machine allows."""
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        timeout: float = 5.0,
+        memory_mb: int = 1024,
+        unsafe: bool = False,
+        *,
+        _seccomp_backend: str = "auto",
+    ) -> None:
+        if workers is None:
+            try:
+                workers = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                workers = os.cpu_count() or 1
+        self.workers = max(1, int(workers))
+        self.timeout = float(timeout)
+        self.memory_mb = int(memory_mb)
+        self.unsafe = bool(unsafe)
+        self._backend = _seccomp_backend
+        self._lock = threading.Lock()
+        self._serial = 0
+        self._pool: list[_Worker] = []
+        self._closed = False
+        self._finalizer = weakref.finalize(self, Sandbox._shutdown, self._pool)
+        try:
+            self._pool.append(self._spawn())
+            self.layers: dict[str, bool] = dict(self._pool[0].layers)
+            self._info = self._pool[0].info
+            missing = [k for k in _REQUIRED if not self.layers.get(k)]
+            if not any(self.layers.get(k) for k in _NETWORK):
+                missing.append("no-network (netns, seccomp or landlock-net)")
+            if missing and not self.unsafe:
+                raise SandboxUnavailable(
+                    f"code sandbox unavailable on this machine (missing: {', '.join(missing)}); "
+                    "pass --unsafe-code-exec to run model code without these protections"
+                )
+            while len(self._pool) < self.workers:
+                self._pool.append(self._spawn())
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self) -> _Worker:
+        self._serial += 1
+        return _Worker(
+            {
+                "memory_mb": self.memory_mb,
+                "serial": self._serial,
+                "parent": os.getpid(),
+                "seccomp": self._backend,
+            }
+        )
+
+    def describe(self) -> str:
+        """One line naming the active isolation layers."""
+        parts = []
+        for k in _LAYER_ORDER:
+            if not self.layers.get(k):
+                continue
+            if k == "seccomp":
+                parts.append(f"seccomp({self._info.get('seccomp_backend')})")
+            elif k == "landlock":
+                parts.append(f"landlock(abi {self._info.get('landlock_abi')})")
+            elif k == "uid":
+                parts.append(f"uid {self._info.get('uid')}")
+            else:
+                parts.append(k)
+        off = [k for k in _LAYER_ORDER if not self.layers.get(k)]
+        line = f"sandbox: {', '.join(parts) or 'none'}"
+        if off:
+            line += f" (unavailable: {', '.join(off)})"
+        line += f"; {self.workers} workers, timeout {self.timeout:g}s, memory {self.memory_mb} MiB"
+        if self.unsafe:
+            line += ", unsafe mode allowed"
+        return line
+
+    def run(self, programs: list[Program]) -> list[Result]:
+        """Score a batch concurrently; results come back in input order."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Sandbox is closed")
+            return self._run(list(programs))
+
+    def _run(self, programs: list[Program]) -> list[Result]:
+        results: list[Result | None] = [None] * len(programs)
+        pending = deque(range(len(programs)))
+        idle = [w for w in self._pool]
+        busy: dict[int, _Worker] = {}
+        while pending or busy:
+            while pending and idle:
+                i = pending.popleft()
+                prog = programs[i]
+                tests = [str(t) for t in prog.tests]
+                if not tests:
+                    results[i] = Result(0, 0, "error", "no tests")
+                    continue
+                if len(prog.code) + len(prog.setup) + sum(map(len, tests)) > _MAX_CODE:
+                    results[i] = Result(0, len(tests), "error", "program too long")
+                    continue
+                plans = [_plan(t) for t in tests]
+                probes = [p for plan in plans for p in plan[0]]
+                w = idle.pop()
+                job = {"code": prog.code, "setup": prog.setup, "probes": probes}
+                job["timeout"] = self.timeout
+                w.job = (i, tests, plans)
+                w.deadline = time.monotonic() + self.timeout + _WORKER_GRACE
+                try:
+                    _send(w.wfd, job)
+                except OSError:
+                    pass  # the read side notices the dead worker
+                busy[w.rfd] = w
+            if not busy:
+                break
+            now = time.monotonic()
+            wait = max(0.0, min(w.deadline for w in busy.values()) - now)
+            ready, _, _ = select.select(list(busy), [], [], wait)
+            for fd in ready:
+                w = busy[fd]
+                try:
+                    w.feed()
+                    msg = w.take()
+                except Exception:
+                    msg = None
+                    self._replace(w, results, "error", "sandbox worker died")
+                    del busy[fd]
+                    idle.append(self._pool[-1]) if self._pool else None
+                    continue
+                if msg is not None:
+                    i, tests, plans = w.job  # type: ignore[misc]
+                    results[i] = _score(tests, plans, msg, self.timeout)
+                    w.job = None
+                    del busy[fd]
+                    idle.append(w)
+            now = time.monotonic()
+            for fd, w in list(busy.items()):
+                if now >= w.deadline:
+                    del busy[fd]
+                    self._replace(w, results, "timeout", f"timed out after {self.timeout:g}s")
+                    if self._pool:
+                        idle.append(self._pool[-1])
+            if not self._pool:
+                raise RuntimeError("no sandbox workers left")
+        return [r if r is not None else Result(0, 0, "error", "not run") for r in results]
+
+    def _replace(self, w: _Worker, results: list, status: str, detail: str) -> None:
+        """Kill a worker that died or stopped answering, fail its program, start a new one."""
+        if w.job is not None:
+            i, tests, _ = w.job
+            results[i] = Result(0, len(tests), status, detail)
+        w.kill()
+        self._pool.remove(w)
+        try:
+            self._pool.append(self._spawn())
+        except RuntimeError:
+            pass
+
+    def close(self) -> None:
+        """Stop all workers and remove their scratch directories."""
+        self._closed = True
+        self._finalizer()
+
+    @staticmethod
+    def _shutdown(pool: list[_Worker]) -> None:
+        while pool:
+            pool.pop().close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side (runs in `python -I -S code_sandbox.py --worker CONFIG`). Linux-specific pieces
+# go through ctypes and degrade to "layer unavailable" elsewhere.
+# --------------------------------------------------------------------------------------------
+
+_PREIMPORT = (
+    "array bisect calendar cmath collections collections.abc copy dataclasses datetime decimal "
+    "enum fractions functools hashlib heapq itertools json math numbers operator queue random re "
+    "statistics string struct textwrap threading time typing unicodedata _strptime "
+    "multiprocessing subprocess shutil socket tempfile io resource gc"
+).split()
+
+# x86_64 and aarch64 syscall numbers (None: the call does not exist on that arch).
+# fmt: off
+_SYSCALLS: dict[str, tuple[int | None, int | None]] = {
+    "fork": (57, None), "vfork": (58, None), "clone": (56, 220), "clone3": (435, 435),
+    "execve": (59, 221), "execveat": (322, 281), "ptrace": (101, 117), "kill": (62, 129),
+    "tkill": (200, 130), "tgkill": (234, 131), "rt_sigqueueinfo": (129, 138),
+    "rt_tgsigqueueinfo": (297, 240), "pidfd_open": (434, 434), "pidfd_send_signal": (424, 424),
+    "pidfd_getfd": (438, 438), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "socket": (41, 198), "setsid": (112, 157), "setpgid": (109, 154), "mount": (165, 40),
+    "umount2": (166, 39), "unshare": (272, 97), "setns": (308, 268), "chroot": (161, 51),
+    "pivot_root": (155, 41), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "fspick": (433, 433), "move_mount": (429, 429), "open_tree": (428, 428),
+    "mount_setattr": (442, 442), "bpf": (321, 280), "perf_event_open": (298, 241),
+    "userfaultfd": (323, 282), "keyctl": (250, 219), "add_key": (248, 217),
+    "request_key": (249, 218), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "open_by_handle_at": (304, 265),
+    "name_to_handle_at": (303, 264), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+    "reboot": (169, 142), "swapon": (167, 224), "swapoff": (168, 225), "setuid": (105, 146),
+    "setgid": (106, 144), "setreuid": (113, 145), "setregid": (114, 143), "setresuid": (117, 147),
+    "setresgid": (119, 149), "setgroups": (116, 159), "setfsuid": (122, 151),
+    "setfsgid": (123, 152), "capset": (126, 91), "sethostname": (170, 161),
+    "setdomainname": (171, 162), "kcmp": (312, 272), "acct": (163, 89), "quotactl": (179, 60),
+    "syslog": (103, 116), "settimeofday": (164, 170), "clock_settime": (227, 112),
+    "adjtimex": (159, 171), "clock_adjtime": (305, 266), "iopl": (172, None),
+    "ioperm": (173, None), "fanotify_init": (300, 262), "vhangup": (153, 58),
+}
+# fmt: on
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_EPERM, _ENOSYS = 1, 38
+_CLONE_THREAD = 0x00010000
+_AF_UNIX = 1
+# clone3 answers ENOSYS so that glibc falls back to clone(), where the flags can be inspected;
+# clone and socket get argument checks; everything else in the table is simply refused.
+_SPECIAL = {"clone3": _ENOSYS, "clone": None, "socket": None}
+
+_RET_ALLOW, _RET_KILL, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+
+
+def _libc():  # noqa: ANN202 - ctypes handle
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> int:
+    import ctypes
+
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _arch() -> str:
+    return os.uname().machine
+
+
+def _hand_bpf() -> bytes:
+    """Classic BPF seccomp program, assembled by hand for x86_64/aarch64."""
+    arch = _arch()
+    if arch not in _AUDIT_ARCH:
+        raise OSError("no syscall table for " + arch)
+    col = 0 if arch == "x86_64" else 1
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    prog: list[tuple[int, int, int, int]] = [
+        (ld, 0, 0, 4),  # A = seccomp_data.arch
+        (jeq, 1, 0, _AUDIT_ARCH[arch]),
+        (ret, 0, 0, _RET_KILL),  # foreign ABI (e.g. int 0x80 on x86_64): kill
+        (ld, 0, 0, 0),  # A = seccomp_data.nr
+    ]
+    if arch == "x86_64":
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, _RET_KILL)]  # x32 syscalls
+    for name, nrs in _SYSCALLS.items():
+        nr = nrs[col]
+        if nr is None:
+            continue
+        if name == "clone":
+            prog += [
+                (jeq, 0, 4, nr),
+                (ld, 0, 0, 16),  # low 32 bits of args[0] (flags)
+                (jset, 1, 0, _CLONE_THREAD),  # a thread: allow
+                (ret, 0, 0, _RET_ERRNO | _EPERM),
+                (ret, 0, 0, _RET_ALLOW),
+            ]
+        elif name == "socket":
+            prog += [
+                (jeq, 0, 4, nr),
+                (ld, 0, 0, 16),  # args[0]: address family
+                (jeq, 1, 0, _AF_UNIX),
+                (ret, 0, 0, _RET_ERRNO | _EPERM),
+                (ret, 0, 0, _RET_ALLOW),
+            ]
+        else:
+            prog += [(jeq, 0, 1, nr), (ret, 0, 0, _RET_ERRNO | _SPECIAL.get(name, _EPERM))]
+    prog.append((ret, 0, 0, _RET_ALLOW))
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+
+
+def _libseccomp_bpf() -> bytes:
+    """The same policy compiled by libseccomp (when installed), exported as raw BPF."""
+    import ctypes
+
+    lib = ctypes.CDLL("libseccomp.so.2")
+
+    class ArgCmp(ctypes.Structure):
+        _fields_ = [
+            ("arg", ctypes.c_uint),
+            ("op", ctypes.c_int),
+            ("datum_a", ctypes.c_uint64),
+            ("datum_b", ctypes.c_uint64),
+        ]
+
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(ArgCmp),
+    ]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(_RET_ALLOW)
+    if not ctx:
+        raise OSError("seccomp_init failed")
+    ne, masked_eq = 1, 7
+    try:
+        col = 0 if _arch() == "x86_64" else 1
+        for name, nrs in _SYSCALLS.items():
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:
+                if nrs[col] is not None or _arch() not in _AUDIT_ARCH:
+                    raise OSError(f"libseccomp does not know {name}")
+                continue
+            args = (ArgCmp * 1)()
+            nargs = 0
+            action = _RET_ERRNO | _EPERM
+            if name == "clone":
+                args[0] = ArgCmp(0, masked_eq, _CLONE_THREAD, 0)  # refuse unless CLONE_THREAD
+                nargs = 1
+            elif name == "socket":
+                args[0] = ArgCmp(0, ne, _AF_UNIX, 0)
+                nargs = 1
+            elif name == "clone3":
+                action = _RET_ERRNO | _ENOSYS
+            _check(lib.seccomp_rule_add_array(ctx, action, nr, nargs, args), "seccomp rule")
+        fd = os.memfd_create("seccomp")
+        try:
+            _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def _install_bpf(bpf: bytes) -> None:
+    import ctypes
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = Prog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = _libc()
+    pr_set_seccomp, seccomp_mode_filter = 22, 2
+    _check(libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0), "seccomp")
+
+
+# Landlock (syscalls 444-446 on every arch that has them).
+_LL_CREATE, _LL_ADD, _LL_RESTRICT = 444, 445, 446
+_LL_FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read_file, read_dir
+_LL_FS_FILE = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)
+
+
+def _landlock_abi() -> int:
+    import ctypes
+
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    r = libc.syscall(ctypes.c_long(_LL_CREATE), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(0, r)
+
+
+def _landlock(abi: int, read: list[str], write: list[str], devices: list[str]) -> bool:
+    """Read-only access to `read`, full access beneath `write`, no TCP bind/connect (ABI 4+),
+    no signals or abstract-socket connections out of the domain (ABI 6+)."""
+    import ctypes
+
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    handled = (1 << 13) - 1
+    if abi >= 2:
+        handled |= 1 << 13  # refer
+    if abi >= 3:
+        handled |= 1 << 14  # truncate
+    if abi >= 5:
+        handled |= 1 << 15  # ioctl_dev
+    net = 0b11 if abi >= 4 else 0  # bind_tcp | connect_tcp, with no rule allowing any port
+    scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets | signals
+    attr = struct.pack("=QQQ", handled, net, scoped)[: 8 if abi < 4 else 16 if abi < 6 else 24]
+    abuf = ctypes.create_string_buffer(attr, len(attr))
+    rs = _check(libc.syscall(ctypes.c_long(_LL_CREATE), abuf, ctypes.c_size_t(len(attr)), 0), "ll")
+    try:
+
+        def allow(path: str, access: int) -> None:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                if not os.path.isdir(path):
+                    access &= _LL_FS_FILE
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", access & handled, fd), 12)
+                _check(libc.syscall(ctypes.c_long(_LL_ADD), rs, 1, rule, 0), "landlock rule")
+            finally:
+                os.close(fd)
+
+        for p in read:
+            allow(p, _LL_FS_READ)
+        for p in devices:
+            allow(p, (1 << 1) | (1 << 2))
+        no_devices = (1 << 6) | (1 << 11) | (1 << 15)  # make_char, make_block, ioctl_dev
+        for p in write:
+            allow(p, handled & ~no_devices)
+        _check(libc.syscall(ctypes.c_long(_LL_RESTRICT), rs, 0), "landlock_restrict_self")
+    finally:
+        os.close(rs)
+    return True
+
+
+def _write_file(path: str, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def _drop_caps() -> None:
+    import ctypes
+
+    libc = _libc()
+    pr_cap_ambient, clear_all = 47, 4
+    libc.prctl(pr_cap_ambient, clear_all, 0, 0, 0)
+    hdr = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = ctypes.create_string_buffer(24)
+    _check(libc.capset(ctypes.create_string_buffer(hdr, 8), data), "capset")
+
+
+class _WorkerState:
+    def __init__(self, config: dict) -> None:
+        self.memory_mb = int(config["memory_mb"])
+        self.layers = {k: False for k in _LAYER_ORDER}
+        self.info: dict = {}
+        self.base = ""
+        self.cleanup: str | None = None
+        self.bpf: bytes | None = None
+        self.null_fd = -1
+        self.serial = 0
+        self.setup(config)
+
+    def setup(self, config: dict) -> None:
+        linux = sys.platform.startswith("linux")
+        libc = _libc() if linux else None
+        for name in _PREIMPORT:
+            try:
+                __import__(name)
+            except Exception:
+                pass
+        root = os.geteuid() == 0
+        uid = 0x7E000000 + ((int(config["parent"]) & 0xFFFF) << 6) + (int(config["serial"]) & 63)
+        newns, newnet, newuser = 0x00020000, 0x40000000, 0x10000000
+        if linux and root:
+            if libc.unshare(newnet | newns) == 0:
+                self.layers["netns"] = True
+                self.mntns = True
+        elif linux:
+            # Unprivileged: a user namespace makes network and mount namespaces possible.
+            outer_uid, outer_gid = os.getuid(), os.getgid()
+            if libc.unshare(newuser | newnet | newns) == 0:
+                try:
+                    _write_file("/proc/self/setgroups", "deny")
+                    _write_file("/proc/self/uid_map", f"0 {outer_uid} 1")
+                    _write_file("/proc/self/gid_map", f"0 {outer_gid} 1")
+                    self.layers["netns"] = True
+                    self.mntns = True
+                except OSError:
+                    pass
+        if getattr(self, "mntns", False):
+            self.layers["mntns"] = self.private_mounts(libc, uid if root else None)
+        if self.layers["mntns"]:
+            self.base = "/tmp/sandbox"
+            os.mkdir(self.base, 0o700)
+        else:
+            import tempfile
+
+            self.base = tempfile.mkdtemp(prefix="code-sandbox-")
+            self.cleanup = self.base  # the parent removes it; Landlock keeps us from doing so
+        self.null_fd = os.open(os.devnull, os.O_RDWR)
+        if root and linux:
+            os.chown(self.base, uid, uid)
+        if linux:
+            pr_set_no_new_privs = 38
+            libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
+            backend = config.get("seccomp", "auto")
+            for name, build in (("libseccomp", _libseccomp_bpf), ("bpf", _hand_bpf)):
+                if backend not in ("auto", name):
+                    continue
+                try:
+                    self.bpf = build()
+                    self.info["seccomp_backend"] = name
+                    break
+                except (OSError, AttributeError):
+                    continue
+            if self.bpf is not None:
+                # Prove that the filter loads before promising it to the parent.
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        _install_bpf(self.bpf)
+                        os._exit(0)
+                    except BaseException:
+                        os._exit(1)
+                self.layers["seccomp"] = os.waitpid(pid, 0)[1] == 0
+            if root:
+                try:
+                    os.setgroups([])
+                    os.setresgid(uid, uid, uid)
+                    os.setresuid(uid, uid, uid)
+                    self.layers["uid"] = os.getuid() == uid and os.geteuid() == uid
+                    self.info["uid"] = uid
+                except OSError:
+                    sys.exit("cannot drop privileges")
+            else:
+                try:
+                    _drop_caps()
+                except OSError:
+                    pass
+            pr_set_dumpable = 4
+            libc.prctl(pr_set_dumpable, 0, 0, 0, 0)  # keeps same-uid children out of /proc/<us>
+            abi = _landlock_abi()
+            if abi > 0:
+                read = [p for p in sys.path if p and os.path.isdir(p)]
+                read += ["/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/localtime"]
+                read += [sys.base_prefix, sys.prefix]
+                devices = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
+                try:
+                    self.layers["landlock"] = _landlock(abi, read, [self.base], devices)
+                    self.layers["landlock-net"] = abi >= 4
+                    self.info["landlock_abi"] = abi
+                except OSError:
+                    pass
+        self.layers["rlimits"] = True
+        self.layers["clean-env"] = True
+        self.layers["deadline"] = True
+        self.info.update(layers=self.layers, cleanup=self.cleanup, pid=os.getpid())
+
+    def private_mounts(self, libc, uid: int | None) -> bool:  # noqa: ANN001
+        """Fresh tmpfs on /tmp and /dev/shm, /proc hidden, stdlib re-exposed read-only."""
+        ms_rdonly, ms_nosuid, ms_nodev, ms_remount = 1, 2, 4, 32
+        ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
+        if libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0:
+            return False
+        opts = b"size=64m,mode=1777"
+        if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ms_nosuid | ms_nodev, opts) != 0:
+            return False
+        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, b"size=16m,mode=1777")
+        if uid is not None:
+            # The sandbox uid may not be able to traverse to the interpreter (e.g. a pyenv under
+            # /root, mode 0700); bind the import path somewhere it can read.
+            os.makedirs("/tmp/.python", 0o755, exist_ok=True)
+            for i, p in enumerate(list(sys.path)):
+                if not p or not os.path.isdir(p):
+                    continue
+                target = f"/tmp/.python/{i}"
+                os.mkdir(target, 0o755)
+                src, dst = p.encode(), target.encode()
+                if libc.mount(src, dst, None, ms_bind | ms_rec, None) == 0:
+                    libc.mount(None, dst, None, ms_remount | ms_bind | ms_rdonly, None)
+                    sys.path[i] = target
+            sys.path_importer_cache.clear()
+        # An empty, read-only tmpfs over /proc hides other processes' environ and cmdline.
+        libc.mount(b"tmpfs", b"/proc", b"tmpfs", ms_nosuid | ms_nodev, b"size=4k,mode=555")
+        return True
+
+    def hello(self) -> dict:
+        return self.info
+
+    def wipe_base(self) -> None:
+        import shutil
+
+        for entry in os.scandir(self.base):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
+    def run_job(self, job: dict) -> dict:
+        timeout = float(job.get("timeout", 5.0))
+        self.serial += 1
+        scratch = os.path.join(self.base, str(self.serial))
+        os.mkdir(scratch, 0o700)
+        r, w = os.pipe()
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.close(r)
+                self.child(job, w, scratch, timeout)
+            finally:
+                os._exit(70)
+        os.close(w)
+        out = bytearray()
+        timed_out = overflow = False
+        status = None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pidfd = -1
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        if pidfd >= 0:
+            poller.register(pidfd, select.POLLIN)
+        deadline = start + timeout
+        pipe_open = True
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            # Without a pidfd, poll in short steps and check for exit by hand.
+            events = poller.poll(
+                max(1, int(left * 1000)) if pidfd >= 0 else min(left, 0.005) * 1000
+            )
+            for fd, _ in events:
+                if fd == r:
+                    chunk = os.read(r, 1 << 16)
+                    if not chunk:
+                        poller.unregister(r)
+                        pipe_open = False
+                    out += chunk
+                    if len(out) > _MAX_REPORT:
+                        overflow = True
+            if overflow:
+                break
+            if pidfd >= 0:
+                if any(fd == pidfd for fd, _ in events):
+                    got = os.waitpid(pid, 0)
+                    status = got[1]
+                    break
+            else:
+                got = os.waitpid(pid, os.WNOHANG)
+                if got[0] == pid:
+                    status = got[1]
+                    break
+        if status is None:
+            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, 9)):
+                try:
+                    kill()
+                except OSError:
+                    pass
+            status = os.waitpid(pid, 0)[1]
+        elif pipe_open and not overflow:
+            # Child is gone, so nobody can hold the write end any more: drain what is left.
+            while len(out) <= _MAX_REPORT:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                out += chunk
+            overflow = len(out) > _MAX_REPORT
+        os.close(r)
+        if pidfd >= 0:
+            os.close(pidfd)
+        self.wipe_base()
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        if sig == signal.SIGXCPU:
+            timed_out = True
+        return {
+            "out": "" if overflow else out.decode("utf-8", errors="replace"),
+            "timed_out": timed_out and not overflow,
+            "overflow": overflow,
+            "signal": sig,
+            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+        }
+
+    def child(self, job: dict, report: int, scratch: str, timeout: float) -> None:
+        """Runs in the forked child: confine, then run solution, setup and probes."""
+        import resource
+
+        try:
+            os.setsid()
+            os.chdir(scratch)
+            for fd in (0, 1, 2):
+                os.dup2(self.null_fd, fd)
+            os.dup2(report, 3)
+            os.closerange(4, 1 << 20)
+            mem = self.memory_mb << 20
+            cpu = int(math.ceil(timeout)) + 1
+            limits = [
+                (resource.RLIMIT_AS, mem),
+                (resource.RLIMIT_CPU, cpu),
+                (resource.RLIMIT_FSIZE, 16 << 20),
+                (resource.RLIMIT_NOFILE, 64),
+                (resource.RLIMIT_CORE, 0),
+            ]
+            if self.layers["uid"]:
+                limits.append((resource.RLIMIT_NPROC, 64))  # per-worker uid: counts only us
+            for what, value in limits:
+                hard = value + 1 if what == resource.RLIMIT_CPU else value
+                resource.setrlimit(what, (value, hard))
+            os.environ.clear()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if self.layers["seccomp"]:
+                _install_bpf(self.bpf)  # type: ignore[arg-type]
+        except BaseException:
+            os._exit(70)
+        _child_run(job)
+        os._exit(0)
+
+
+def _child_emit(rec: list) -> None:
+    data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(3, view) :]
+
+
+def _child_run(job: dict) -> None:
+    g: dict = {"__name__": "__solution__", "__builtins__": builtins}
+    for phase in ("code", "setup"):
+        src = job.get(phase) or ""
+        try:
+            exec(compile(src, f"<{phase}>", "exec"), g)
+        except BaseException as e:  # SystemExit and KeyboardInterrupt included
+            _child_emit([phase, "e", type(e).__name__])
+            return
+        _child_emit([phase, "ok"])
+    for i, (kind, src) in enumerate(job["probes"]):
+        try:
+            if kind == "v":
+                value = eval(compile(src, "<test>", "eval"), g)
+                try:
+                    rec = [i, "v", _encode(value)]
+                    line = json.dumps(rec, separators=(",", ":"))
+                except (_Unencodable, ValueError, RecursionError, TypeError):
+                    rec, line = [i, "e", "TypeError"], None
+                if line is not None and len(line) > _MAX_REPORT // 4:
+                    rec = [i, "e", "MemoryError"]
+            else:
+                exec(compile(src, "<test>", "exec"), g)
+                rec = [i, "ok"]
+        except BaseException as e:
+            rec = [i, "e", type(e).__name__]
+        _child_emit(rec)
+    _child_emit(["end"])
+
+
+def _worker_main(config_json: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        state = _WorkerState(json.loads(config_json))
+    except BaseException as e:
+        sys.stderr.write(f"sandbox worker setup failed: {e!r}\n")
+        sys.exit(1)
+    import gc
+
+    _send(1, state.hello())
+    os.dup2(state.null_fd, 2)
+    gc.collect()
+    gc.freeze()  # children then do not touch (copy) the pre-imported objects' pages
+    while True:
+        header = _read_exact(0, 4)
+        if header is None:
+            return
+        (n,) = struct.unpack(">I", header)
+        body = _read_exact(0, n)
+        if body is None:
+            return
+        _send(1, state.run_job(json.loads(body)))
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker_main(sys.argv[2])
