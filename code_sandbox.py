@@ -759,12 +759,21 @@ class Sandbox:
                 w = idle.pop()
                 job = {"code": prog.code, "setup": prog.setup, "probes": probes}
                 job["timeout"] = self.timeout
-                w.job = (i, tests, plans)
-                w.deadline = time.monotonic() + self.timeout + _WORKER_GRACE
                 try:
+                    if w.proc.poll() is not None:
+                        raise OSError("worker exited")
                     _send(w.wfd, job)
                 except OSError:
-                    pass  # the read side notices the dead worker
+                    # The worker died between programs: this program is not to blame.
+                    pending.appendleft(i)
+                    fresh = self._replace(w, results, "error", "sandbox worker died")
+                    if fresh is not None:
+                        idle.append(fresh)
+                    if not self._pool:
+                        raise RuntimeError("no sandbox workers left") from None
+                    continue
+                w.job = (i, tests, plans)
+                w.deadline = time.monotonic() + self.timeout + _WORKER_GRACE
                 busy[w.rfd] = w
             if not busy:
                 break
@@ -777,10 +786,10 @@ class Sandbox:
                     w.feed()
                     msg = w.take()
                 except Exception:
-                    msg = None
-                    self._replace(w, results, "error", "sandbox worker died")
                     del busy[fd]
-                    idle.append(self._pool[-1]) if self._pool else None
+                    fresh = self._replace(w, results, "error", "sandbox worker died")
+                    if fresh is not None:
+                        idle.append(fresh)
                     continue
                 if msg is not None:
                     i, tests, plans = w.job  # type: ignore[misc]
@@ -792,24 +801,29 @@ class Sandbox:
             for fd, w in list(busy.items()):
                 if now >= w.deadline:
                     del busy[fd]
-                    self._replace(w, results, "timeout", f"timed out after {self.timeout:g}s")
-                    if self._pool:
-                        idle.append(self._pool[-1])
+                    fresh = self._replace(
+                        w, results, "timeout", f"timed out after {self.timeout:g}s"
+                    )
+                    if fresh is not None:
+                        idle.append(fresh)
             if not self._pool:
                 raise RuntimeError("no sandbox workers left")
         return [r if r is not None else Result(0, 0, "error", "not run") for r in results]
 
-    def _replace(self, w: _Worker, results: list, status: str, detail: str) -> None:
+    def _replace(self, w: _Worker, results: list, status: str, detail: str) -> _Worker | None:
         """Kill a worker that died or stopped answering, fail its program, start a new one."""
         if w.job is not None:
             i, tests, _ = w.job
             results[i] = Result(0, len(tests), status, detail)
+            w.job = None
         w.kill()
         self._pool.remove(w)
         try:
-            self._pool.append(self._spawn())
+            fresh = self._spawn()
         except RuntimeError:
-            pass
+            return None
+        self._pool.append(fresh)
+        return fresh
 
     def close(self) -> None:
         """Stop all workers and remove their scratch directories."""
