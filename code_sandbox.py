@@ -1230,6 +1230,7 @@ class _WorkerState:
             # The sandbox uid may not be able to traverse to the interpreter (e.g. a pyenv under
             # /root, mode 0700); bind the import path somewhere it can read.
             os.makedirs("/tmp/.python", 0o755, exist_ok=True)
+            moved: list[tuple[str, str]] = []
             for i, p in enumerate(list(sys.path)):
                 if not p or not os.path.isdir(p):
                     continue
@@ -1239,6 +1240,18 @@ class _WorkerState:
                 if libc.mount(src, dst, None, ms_bind | ms_rec, None) == 0:
                     libc.mount(None, dst, None, ms_remount | ms_bind | ms_rdonly, None)
                     sys.path[i] = target
+                    moved.append((p.rstrip("/") + "/", target + "/"))
+            # Already-imported packages find their submodules through __path__, not sys.path.
+            moved.sort(key=lambda m: -len(m[0]))
+            for mod in list(sys.modules.values()):
+                paths = getattr(mod, "__path__", None)
+                if not isinstance(paths, list):
+                    continue
+                for j, entry in enumerate(paths):
+                    for old, new in moved:
+                        if (entry + "/").startswith(old):
+                            paths[j] = new + entry[len(old) :]
+                            break
             sys.path_importer_cache.clear()
         # An empty, read-only tmpfs over /proc hides other processes' environ and cmdline.
         libc.mount(b"tmpfs", b"/proc", b"tmpfs", ms_nosuid | ms_nodev, b"size=4k,mode=555")
@@ -1378,7 +1391,10 @@ class _WorkerState:
                 _install_bpf(self.bpf)  # type: ignore[arg-type]
         except BaseException:
             os._exit(70)
-        _child_run(job)
+        try:
+            _child_run(job)
+        except BaseException:
+            os._exit(71)  # the solution broke the harness itself (e.g. patched builtins)
         os._exit(0)
 
 

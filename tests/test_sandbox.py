@@ -139,7 +139,9 @@ ADVERSARIAL = {
     "kill-everything": "import os\nos.kill(-1, 9)",
     "setsid": "import os\nos.setsid()",
     "recursion": "def r(n):\n    return r(n + 1)\nr(0)",
-    "deep-recursion": "import sys\nsys.setrecursionlimit(10**7)\ndef r(n):\n    return r(n + 1)\nr(0)",
+    "deep-recursion": (
+        "import sys\nsys.setrecursionlimit(10**7)\ndef r(n):\n    return r(n + 1)\nr(0)"
+    ),
     "sys-exit-before-asserts": "import sys\ndef f(x):\n    return x + 1\nsys.exit(0)",
     "os-exit-before-asserts": "import os\ndef f(x):\n    return x + 1\nos._exit(0)",
     "raise-systemexit": "raise SystemExit(0)",
@@ -164,7 +166,8 @@ ADVERSARIAL = {
     "forge-report-fds": (
         'import os\nlines = [\'{{"passed": 1, "total": 1, "status": "passed"}}\',\n'
         '         \'["code", "ok"]\', \'["setup", "ok"]\', \'[0, "v", 2]\', \'["end"]\']\n'
-        "for fd in range(51):\n    try:\n        os.write(fd, ('\\n'.join(lines) + '\\n').encode())\n"
+        "for fd in range(51):\n    try:\n"
+        "        os.write(fd, ('\\n'.join(lines) + '\\n').encode())\n"
         "    except OSError:\n        pass"
     ),
     "forge-result-then-exit": (
