@@ -46,6 +46,7 @@ protocol is built so that this buys nothing beyond hard-coding answers:
 
 from __future__ import annotations
 
+import _thread
 import ast
 import builtins
 import json
@@ -55,7 +56,6 @@ import select
 import signal
 import struct
 import sys
-import threading
 import time
 import weakref
 from collections import Counter, OrderedDict, defaultdict, deque
@@ -417,7 +417,7 @@ def _value(op: _Operand, vals: list[object]) -> object:
 
 
 _PLAN_CACHE: dict[str, tuple[tuple[tuple[str, str], ...], _Check]] = {}
-_PLAN_LOCK = threading.Lock()
+_PLAN_LOCK = _thread.allocate_lock()  # not threading: keeps at-fork hooks out of workers
 
 
 def _plan(test: str) -> tuple[tuple[tuple[str, str], ...], _Check]:
@@ -556,6 +556,7 @@ class _Worker:
     def __init__(self, config: dict) -> None:
         import subprocess
 
+        self.cleanup: str | None = None
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", os.path.abspath(__file__), "--worker", json.dumps(config)],
             stdin=subprocess.PIPE,
@@ -587,7 +588,7 @@ class _Worker:
         self.proc.stderr.close()
         self.layers: dict[str, bool] = hello["layers"]
         self.info: dict = hello
-        self.cleanup: str | None = hello.get("cleanup")
+        self.cleanup = hello.get("cleanup")
 
     def read_message(self, deadline: float) -> dict:
         while True:
@@ -638,10 +639,10 @@ class _Worker:
                 f.close()  # type: ignore[union-attr]
             except Exception:
                 pass
-        if self.cleanup if hasattr(self, "cleanup") else None:
+        if self.cleanup:
             import shutil
 
-            shutil.rmtree(self.cleanup, ignore_errors=True)  # type: ignore[arg-type]
+            shutil.rmtree(self.cleanup, ignore_errors=True)
 
     def close(self) -> None:
         try:
@@ -674,7 +675,7 @@ class Sandbox:
         self.memory_mb = int(memory_mb)
         self.unsafe = bool(unsafe)
         self._backend = _seccomp_backend
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._serial = 0
         self._pool: list[_Worker] = []
         self._closed = False
@@ -827,8 +828,9 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop all workers and remove their scratch directories."""
-        self._closed = True
-        self._finalizer()
+        with self._lock:  # waits for a run() in another thread (bounded by its deadlines)
+            self._closed = True
+            self._finalizer()
 
     @staticmethod
     def _shutdown(pool: list[_Worker]) -> None:
@@ -848,10 +850,12 @@ class Sandbox:
 # --------------------------------------------------------------------------------------------
 
 _PREIMPORT = (
-    "array bisect calendar cmath collections collections.abc copy dataclasses datetime decimal "
-    "enum fractions functools hashlib heapq itertools json math numbers operator queue random re "
-    "statistics string struct textwrap threading time typing unicodedata _strptime "
-    "multiprocessing subprocess shutil socket tempfile io resource gc"
+    # What MBPP-style solutions import most, so that children need not import it again.
+    # Deliberately not threading/queue/random/multiprocessing: they register at-fork hooks
+    # that would slow down every fork (a program that wants them imports them itself).
+    "array bisect calendar cmath collections collections.abc copy datetime decimal fractions "
+    "functools heapq itertools json math numbers operator re string struct textwrap typing "
+    "unicodedata _strptime resource gc"
 ).split()
 
 # x86_64 and aarch64 syscall numbers (None: the call does not exist on that arch).
@@ -1014,7 +1018,8 @@ def _libseccomp_bpf() -> bytes:
         lib.seccomp_release(ctx)
 
 
-def _install_bpf(bpf: bytes) -> None:
+def _bpf_installer(bpf: bytes) -> Callable[[], None]:
+    """Prepare the ctypes objects once in the worker; each child then pays one prctl()."""
     import ctypes
 
     class Prog(ctypes.Structure):
@@ -1022,9 +1027,15 @@ def _install_bpf(bpf: bytes) -> None:
 
     buf = ctypes.create_string_buffer(bpf, len(bpf))
     prog = Prog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    libc = _libc()
+    prctl = _libc().prctl
     pr_set_seccomp, seccomp_mode_filter = 22, 2
-    _check(libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0), "seccomp")
+    ref = ctypes.byref(prog)
+
+    def install() -> None:
+        _check(prctl(pr_set_seccomp, seccomp_mode_filter, ref, 0, 0), "seccomp")
+        keep = (buf, prog)  # noqa: F841 - the filter must stay alive until installed
+
+    return install
 
 
 # Landlock (syscalls 444-446 on every arch that has them).
@@ -1123,6 +1134,9 @@ class _WorkerState:
     def setup(self, config: dict) -> None:
         linux = sys.platform.startswith("linux")
         libc = _libc() if linux else None
+        import shutil  # the worker's own needs, while the interpreter is surely readable
+
+        self.shutil = shutil
         for name in _PREIMPORT:
             try:
                 __import__(name)
@@ -1174,11 +1188,12 @@ class _WorkerState:
                 except (OSError, AttributeError):
                     continue
             if self.bpf is not None:
+                self.install_seccomp = _bpf_installer(self.bpf)
                 # Prove that the filter loads before promising it to the parent.
                 pid = os.fork()
                 if pid == 0:
                     try:
-                        _install_bpf(self.bpf)
+                        self.install_seccomp()
                         os._exit(0)
                     except BaseException:
                         os._exit(1)
@@ -1261,11 +1276,9 @@ class _WorkerState:
         return self.info
 
     def wipe_base(self) -> None:
-        import shutil
-
         for entry in os.scandir(self.base):
             if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                self.shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 try:
                     os.unlink(entry.path)
@@ -1388,7 +1401,7 @@ class _WorkerState:
             os.environ.clear()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             if self.layers["seccomp"]:
-                _install_bpf(self.bpf)  # type: ignore[arg-type]
+                self.install_seccomp()
         except BaseException:
             os._exit(70)
         try:
