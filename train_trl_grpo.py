@@ -1,0 +1,1324 @@
+#!/usr/bin/env python
+"""GRPO for instruction models on GSM8K, MATH and MBPP, with TRL's GRPOTrainer and a vLLM server.
+
+    uv run train_trl_grpo.py --dataset gsm8k            # GPU box; ./run_algo.sh starts vLLM for you
+    uv run train_trl_grpo.py --dataset gsm8k --smoke    # any machine: tiny model, bundled rows, CPU
+
+Read it top to bottom; it follows the pipeline:
+    1. Config          - YOURS TO EDIT: every knob, also a --flag and a GRPO_* env variable
+    2. Config plumbing - how CLI > shell env > .env > defaults are resolved (try not to modify)
+    3. Data            - YOURS TO EDIT: prompts and the three dataset adapters
+    4. Rewards         - YOURS TO EDIT: correctness and format rewards (the graders live in
+                         math_grader.py and code_sandbox.py, which run model output in
+                         isolated worker processes)
+    5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
+    6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
+    7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import typing
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import find_dotenv, load_dotenv
+
+# torch, transformers, datasets and trl are imported inside the functions that need them: config
+# errors, --score and --verify-gold then answer in a fraction of a second instead of ~10 s.
+
+REPO_DIR = Path(__file__).resolve().parent
+FIXTURES = REPO_DIR / "tests" / "fixtures"  # bundled real rows and the Qwen2.5 tokenizer (--smoke)
+
+
+# ==================================================================================================
+# 1. CONFIG - YOURS TO EDIT. Every field is also `--field-name` and `GRPO_FIELD_NAME`.
+# ==================================================================================================
+@dataclass
+class Config:
+    # --- task and data ---
+    dataset: str = "gsm8k"  # gsm8k | math | mbpp
+    data_dir: str = (
+        ""  # local DIR/{train,test,validation}.{jsonl,parquet} in the Hub schema; "" = Hub
+    )
+    eval_split: str = ""  # "" = the dataset's default (gsm8k: test, math: validation, mbpp: test)
+    max_train_samples: int = 0  # 0 = the whole split
+    max_eval_samples: int = 0  # 0 = the whole split
+    system_prompt: str = "You are a helpful assistant."
+    instruction: str = ""  # "" = the dataset's default instruction (see TASKS below)
+    # --- model ---
+    model_id: str = "Qwen/Qwen2.5-1.5B-Instruct"  # Hub id or local directory
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    lora_r: int = 0  # 0 = full fine-tune; >0 = LoRA rank (alpha = 2 * r) on all linear layers
+    gradient_checkpointing: bool = True
+    # --- GRPO ---
+    seed: int = 42
+    lr: float = 3e-6
+    batch_size: int = 4  # completions per GPU per micro-step
+    grad_accum_steps: int = 128  # micro-steps per optimizer step (and per generation round)
+    total_steps: int = 100  # optimizer steps
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    num_generations: int = 16  # completions per prompt (the GRPO group)
+    max_completion_length: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    beta: float = 0.0  # KL coefficient; 0 = no reference model
+    epsilon: float = 0.2  # lower clip
+    epsilon_high: float = 0.28  # upper clip (DAPO's clip-higher)
+    loss_type: str = "dapo"  # any TRL loss_type: dapo | grpo | dr_grpo | bnpo | cispo | ...
+    # --- rewards ---
+    correctness_weight: float = 1.0
+    format_weight: float = 0.1
+    mbpp_reward: str = "fraction"  # fraction of tests passed | all (all-or-nothing)
+    grader_workers: int = 2  # math-verify worker processes
+    grader_timeout: float = 2.0  # hard deadline per math answer, seconds
+    sandbox_workers: int = 0  # code sandbox workers; 0 = one per CPU core
+    sandbox_timeout: float = 5.0  # wall-clock deadline per program, seconds
+    unsafe_code_exec: bool = (
+        False  # run model code even where the sandbox's minimum isolation is missing
+    )
+    # --- generation backend ---
+    vllm_mode: str = "server"  # server (./run_algo.sh) | colocate (one GPU) | none (transformers)
+    vllm_host: str = "127.0.0.1"
+    vllm_port: int = 8000
+    vllm_group_port: int = 51216  # NCCL port for weight sync
+    vllm_server_timeout: float = 240.0  # seconds to wait for the server before giving up
+    vllm_gpu_memory_utilization: float = 0.3  # colocate mode: the GPU share vLLM takes
+    # --- evaluation ---
+    eval_every: int = 20  # steps; baseline and final evaluations always run; 0 = only those two
+    eval_samples: int = 10  # n completions per problem; 0 = no evaluation at all
+    eval_ks: str = "1,5,10"  # pass@k for these k (each <= eval_samples)
+    eval_greedy: bool = False  # also report greedy pass@1
+    eval_temperature: float | None = None  # None = training's temperature
+    eval_top_p: float | None = None  # None = training's top_p
+    # --- output ---
+    output_dir: str = ""  # "" = outputs/<run_name>
+    run_name: str = ""  # "" = <dataset>-<model name>
+    save_steps: int = 50
+    logging_steps: int = 1
+    report_to: str = "tensorboard"  # wandb | tensorboard | none
+    # --- what to run ---
+    smoke: bool = False  # tiny random Qwen2 + bundled rows on CPU, a few steps (no GPU, no Hub)
+    dry_run: bool = False  # resolve config, load tokenizer and data, show one prompt, exit
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    eval_only: bool = False  # evaluate model_id on the eval split, no training
+    score: str = ""  # JSONL of {"row", "completion"}: grade them with the training rewards
+    verify_gold: bool = False  # grade every gold solution; exit 1 if any fails
+
+
+# What --smoke changes, unless the field is set explicitly on the CLI or in the environment.
+SMOKE_MODEL = "smoke:tiny-qwen2"
+SMOKE = dict(
+    model_id=SMOKE_MODEL,
+    vllm_mode="none",
+    dtype="fp32",
+    gradient_checkpointing=False,
+    total_steps=4,
+    batch_size=4,
+    grad_accum_steps=2,
+    num_generations=4,
+    max_completion_length=32,
+    max_train_samples=32,
+    max_eval_samples=8,
+    eval_every=2,
+    eval_samples=4,
+    eval_ks="1,2,4",
+    save_steps=2,
+    report_to="none",
+    grader_workers=1,
+    sandbox_workers=1,
+)
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+# ==================================================================================================
+# 2. CONFIG PLUMBING - CLI > shell environment > .env > defaults. Try not to modify.
+# ==================================================================================================
+class ConfigError(Exception):
+    """A bad flag or value: one line on stderr, exit code 2."""
+
+
+def _field_types() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+def parse_value(name: str, raw: str, source: str = "") -> object:
+    """Parse `raw` as the type of Config field `name`; raises ConfigError naming the field."""
+    typ = _field_types()[name]
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), typ) if args else typ
+    text = raw.strip()
+    if optional and text.lower() in ("", "none", "null"):
+        return None
+    try:
+        if base is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if base is int:
+            return int(text)
+        if base is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        return raw
+    except ValueError:
+        where = f" (from {source})" if source else ""
+        raise ConfigError(f"{name}: cannot parse {raw!r} as {base.__name__}{where}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line instead of usage + error
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train_trl_grpo.py",
+        description="GRPO on GSM8K, MATH and MBPP. Every flag is also a GRPO_* env variable.",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        env = "GRPO_" + f.name.upper()
+        if _field_types()[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"env {env}")
+        else:
+            names = [flag, "--split"] if f.name == "eval_split" else [flag]
+            p.add_argument(
+                *names, dest=f.name, metavar="V", help=f"env {env}, default {f.default!r}"
+            )
+    return p
+
+
+def resolve_config(argv: list[str] | None = None) -> Config:
+    """Config from defaults, .env, the shell environment and the CLI, in rising priority."""
+    # override=False: a variable already set in the shell wins over the .env file.
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Config):
+        env = "GRPO_" + f.name.upper()
+        if env in os.environ:
+            values[f.name] = parse_value(f.name, os.environ[env], env)
+    cli = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    for name, raw in cli.items():
+        values[name] = (
+            raw if isinstance(raw, bool) else parse_value(name, raw, "--" + name.replace("_", "-"))
+        )
+    if values.get("smoke"):
+        for name, value in SMOKE.items():
+            values.setdefault(name, value)
+        values.setdefault("data_dir", str(FIXTURES / str(values.get("dataset", Config.dataset))))
+    cfg = Config(**values)
+    if not cfg.run_name:
+        cfg.run_name = f"{cfg.dataset}-{cfg.model_id.rstrip('/').split('/')[-1].split(':')[-1]}"
+    if not cfg.output_dir:
+        cfg.output_dir = f"outputs/{cfg.run_name}"
+    if not cfg.eval_split:
+        cfg.eval_split = TASKS[cfg.dataset].eval_split if cfg.dataset in TASKS else ""
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.dataset in TASKS, f"dataset: {cfg.dataset!r} is not one of {', '.join(TASKS)}")
+    need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
+    need(cfg.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype: auto | bf16 | fp16 | fp32")
+    need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
+    need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
+    need(
+        cfg.eval_split in TASKS[cfg.dataset].splits,
+        f"eval_split: {cfg.dataset} has splits "
+        f"{', '.join(TASKS[cfg.dataset].splits)}, not {cfg.eval_split!r}",
+    )
+    for name in ("batch_size", "grad_accum_steps", "total_steps", "num_generations"):
+        need(getattr(cfg, name) >= 1, f"{name}: must be >= 1")
+    need(cfg.num_generations >= 2, "num_generations: GRPO needs at least 2 completions per prompt")
+    need(
+        (cfg.batch_size * cfg.grad_accum_steps) % cfg.num_generations == 0,
+        f"num_generations: batch_size * grad_accum_steps = {cfg.batch_size * cfg.grad_accum_steps}"
+        f" is not a multiple of num_generations = {cfg.num_generations}",
+    )
+    ks = eval_ks(cfg)
+    need(all(k >= 1 for k in ks), "eval_ks: each k must be >= 1")
+    if cfg.eval_samples:
+        bad = [k for k in ks if k > cfg.eval_samples]
+        need(
+            not bad,
+            f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
+        )
+    need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
+    need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
+    if cfg.report_to == "wandb":
+        need(
+            bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "offline",
+            "report_to: wandb needs WANDB_API_KEY (or WANDB_MODE=offline) in the env or .env",
+        )
+
+
+def eval_ks(cfg: Config) -> list[int]:
+    try:
+        return sorted({int(k) for k in cfg.eval_ks.split(",") if k.strip()})
+    except ValueError:
+        raise ConfigError(
+            f"eval_ks: cannot parse {cfg.eval_ks!r} as comma-separated ints"
+        ) from None
+
+
+def config_dict(cfg: Config) -> dict:
+    """The resolved config, with anything that looks like a secret masked."""
+    out = dataclasses.asdict(cfg)
+    for k in out:
+        if any(w in k.upper() for w in SECRET_WORDS):
+            out[k] = "***"
+    return out
+
+
+# ==================================================================================================
+# 3. DATA - YOURS TO EDIT: prompts and adapters. One adapter shape, three instances.
+# ==================================================================================================
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = (
+    "Write the Python function in one ```python code block. Your code should pass these tests:"
+)
+
+
+class DataError(Exception):
+    """Missing or malformed data: one line on stderr, exit code 1."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """How one dataset becomes prompts, golds and gold completions."""
+
+    name: str
+    kind: str  # "math" (math_grader.py) or "code" (code_sandbox.py)
+    hub_path: str
+    hub_configs: tuple[str | None, ...]  # loaded and concatenated (MATH has one per subject)
+    splits: tuple[str, ...]
+    eval_split: str
+    fields: tuple[str, ...]  # required in every row
+    instruction: str
+    question: Callable[[dict], str]  # row -> the user's question (without the instruction)
+    gold: Callable[[dict], str]  # row -> what the correctness reward compares against
+    gold_completion: Callable[[dict], str]  # row -> the gold solution as a model would answer
+    carve_validation: int = 0  # rows carved from train into "validation" (stratified, fixed seed)
+    stratify_by: str = ""
+
+
+def _gsm8k_gold(row: dict) -> str:
+    return math_grader().gold_from_solution(row["answer"], "gsm8k")
+
+
+def _gsm8k_gold_completion(row: dict) -> str:
+    reasoning = row["answer"].rsplit("####", 1)[0].strip()
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning)  # GSM8K's calculator annotations
+    return f"{reasoning}\nThe final answer is \\boxed{{{_gsm8k_gold(row)}}}."
+
+
+def _mbpp_tests(row: dict) -> list[str]:
+    return list(row["test_list"]) + list(row.get("challenge_test_list") or [])
+
+
+def _mbpp_question(row: dict) -> str:
+    return row["text"] + "\n\n" + CODE_INSTRUCTION + "\n\n" + "\n".join(row["test_list"])
+
+
+TASKS: dict[str, Task] = {
+    "gsm8k": Task(
+        name="gsm8k",
+        kind="math",
+        hub_path="openai/gsm8k",
+        hub_configs=("main",),
+        splits=("train", "test"),
+        eval_split="test",
+        fields=("question", "answer"),
+        instruction=MATH_INSTRUCTION,
+        question=lambda row: row["question"],
+        gold=_gsm8k_gold,
+        gold_completion=_gsm8k_gold_completion,
+    ),
+    "math": Task(
+        name="math",
+        kind="math",
+        hub_path="EleutherAI/hendrycks_math",
+        hub_configs=(
+            "algebra",
+            "counting_and_probability",
+            "geometry",
+            "intermediate_algebra",
+            "number_theory",
+            "prealgebra",
+            "precalculus",
+        ),
+        splits=("train", "validation", "test"),
+        eval_split="validation",
+        fields=("problem", "solution", "type"),
+        instruction=MATH_INSTRUCTION,
+        question=lambda row: row["problem"],
+        gold=lambda row: math_grader().gold_from_solution(row["solution"], "math"),
+        gold_completion=lambda row: row["solution"],
+        carve_validation=500,
+        stratify_by="type",
+    ),
+    "mbpp": Task(
+        name="mbpp",
+        kind="code",
+        hub_path="google-research-datasets/mbpp",
+        hub_configs=("full",),
+        splits=("train", "validation", "test"),
+        eval_split="test",
+        fields=("text", "code", "test_list"),
+        instruction="",  # the instruction sits between the problem and its asserts
+        question=_mbpp_question,
+        gold=lambda row: json.dumps(
+            {"tests": _mbpp_tests(row), "setup": row.get("test_setup_code") or ""}
+        ),
+        gold_completion=lambda row: "```python\n" + row["code"].replace("\r\n", "\n") + "\n```",
+    ),
+}
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_prompt(cfg: Config, task: Task, tokenizer, row: dict) -> str:
+    """The one prompt builder: training, evaluation, --score and --dry-run all go through it."""
+    instruction = cfg.instruction or task.instruction
+    user = task.question(row) + (f"\n\n{instruction}" if instruction else "")
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _read_split(cfg: Config, task: Task, split: str) -> list[dict]:
+    if cfg.data_dir:
+        base = Path(cfg.data_dir)
+        path = next(
+            (p for p in (base / f"{split}.jsonl", base / f"{split}.parquet") if p.exists()), None
+        )
+        if path is None:
+            raise DataError(f"data file not found: {base / split}.jsonl (or .parquet)")
+        if path.suffix == ".jsonl":
+            rows = []
+            with path.open() as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
+        else:
+            import datasets
+
+            rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        source = str(path)
+    else:
+        import datasets
+
+        rows = []
+        for config in task.hub_configs:
+            try:
+                rows += datasets.load_dataset(task.hub_path, config, split=split).to_list()
+            except Exception as e:  # offline, typo, gated: say so in one line
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(
+                    f"cannot load {task.hub_path} ({config}, {split}) from the Hub: {first}; "
+                    "use --data-dir DIR for local files"
+                ) from None
+        source = task.hub_path
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {i}: not a JSON object")
+        for name in task.fields:
+            if row.get(name) in (None, ""):
+                raise DataError(f"{source}: row {i}: missing field {name!r}")
+    return rows
+
+
+def carve_validation(rows: list[dict], task: Task) -> tuple[list[dict], list[dict]]:
+    """Split train into (train, validation): the same rows every run, stratified by subject.
+
+    The Hub's 7,500 MATH train rows give 500 validation rows; a smaller local file gives the same
+    share (1/15), at least one row.
+    """
+    size = max(1, min(task.carve_validation, round(len(rows) * task.carve_validation / 7500)))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[str(row.get(task.stratify_by))].append(i)
+    rng = random.Random(1234)  # fixed: the validation set must not move with --seed
+    quotas = {k: len(v) * size / len(rows) for k, v in sorted(groups.items())}
+    take = {k: int(q) for k, q in quotas.items()}
+    # Largest remainder, ties by name, so the quotas add up to exactly `size`.
+    for k in sorted(quotas, key=lambda k: (take[k] - quotas[k], k))[: size - sum(take.values())]:
+        take[k] += 1
+    val_idx: set[int] = set()
+    for k, idx in sorted(groups.items()):
+        val_idx.update(rng.sample(idx, take[k]))
+    train = [r for i, r in enumerate(rows) if i not in val_idx]
+    val = [r for i, r in enumerate(rows) if i in val_idx]
+    return train, val
+
+
+def load_rows(cfg: Config, task: Task, split: str) -> list[dict]:
+    """Rows of one split, after the MATH carve, before any max_*_samples cap."""
+    if task.carve_validation and split in ("train", "validation"):
+        train, val = carve_validation(_read_split(cfg, task, "train"), task)
+        return train if split == "train" else val
+    return _read_split(cfg, task, split)
+
+
+def to_examples(cfg: Config, task: Task, tokenizer, rows: list[dict], cap: int) -> list[dict]:
+    """Rows -> {"prompt", "gold", "row"}, the columns the trainer and the rewards see."""
+    rows = rows[:cap] if cap else rows
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            gold = task.gold(row)
+        except (ValueError, KeyError) as e:
+            raise DataError(f"{task.name}: row {i}: no gold answer ({e})") from None
+        out.append({"prompt": build_prompt(cfg, task, tokenizer, row), "gold": gold, "row": i})
+    return out
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    source = FIXTURES / "qwen2.5-tokenizer" if cfg.model_id == SMOKE_MODEL else cfg.model_id
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load tokenizer for model {cfg.model_id!r}: {first}") from None
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE  # only for tokenizers that ship none
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ==================================================================================================
+# 4. REWARDS - YOURS TO EDIT. One TRL reward function per component, so TRL logs each one.
+# Graders run model output only in isolated worker processes (math_grader.py, code_sandbox.py).
+# ==================================================================================================
+_GRADERS: dict[str, object] = {}
+
+
+def math_grader():
+    """The math_grader module; imported lazily so that `--help` stays instant."""
+    import math_grader as mg
+
+    return mg
+
+
+def get_math_pool(cfg: Config):
+    if "math" not in _GRADERS:
+        _GRADERS["math"] = math_grader().MathGrader(
+            workers=cfg.grader_workers, timeout=cfg.grader_timeout
+        )
+    return _GRADERS["math"]
+
+
+def get_sandbox(cfg: Config):
+    if "code" not in _GRADERS:
+        import code_sandbox
+
+        try:
+            box = code_sandbox.Sandbox(
+                workers=cfg.sandbox_workers or os.cpu_count(),
+                timeout=cfg.sandbox_timeout,
+                unsafe=cfg.unsafe_code_exec,
+            )
+        except code_sandbox.SandboxUnavailable as e:
+            raise ConfigError(str(e)) from None
+        print(box.describe(), flush=True)
+        _GRADERS["code"] = box
+    return _GRADERS["code"]
+
+
+def close_graders() -> None:
+    for grader in _GRADERS.values():
+        grader.close()
+    _GRADERS.clear()
+
+
+CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. (2021), 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def log_group_pass_at_k(cfg: Config, scores: list[float], rows: list[int], log_metric) -> None:
+    """Training-batch pass@k over each prompt's group of completions."""
+    groups: dict[int, list[float]] = defaultdict(list)
+    for s, r in zip(scores, rows, strict=True):
+        groups[r].append(s)
+    for k in eval_ks(cfg):
+        vals = [
+            pass_at_k(len(g), sum(x == 1.0 for x in g), k) for g in groups.values() if len(g) >= k
+        ]
+        if vals:
+            log_metric(f"pass@{k}", sum(vals) / len(vals))
+
+
+def make_reward_funcs(cfg: Config, task: Task) -> list[Callable]:
+    """[correctness, format]; their weights go to GRPOConfig.reward_weights."""
+
+    def correctness(
+        completions: list[str], gold: list[str], row=None, log_metric=None, **_
+    ) -> list[float]:
+        if task.kind == "math":
+            grades = get_math_pool(cfg).grade(list(completions), list(gold), task.name)
+            scores = [1.0 if g.correct else 0.0 for g in grades]
+        else:
+            import code_sandbox
+
+            programs = []
+            for text, g in zip(completions, gold, strict=True):
+                spec = json.loads(g)
+                block = CODE_BLOCK.search(text)
+                programs.append(
+                    code_sandbox.Program(
+                        code=block.group(1) if block else "",
+                        tests=spec["tests"],
+                        setup=spec["setup"],
+                    )
+                )
+            results = get_sandbox(cfg).run(programs)
+            if cfg.mbpp_reward == "all":
+                scores = [1.0 if r.total and r.passed == r.total else 0.0 for r in results]
+            else:
+                scores = [r.passed / r.total if r.total else 0.0 for r in results]
+        if log_metric is not None and row is not None:
+            log_group_pass_at_k(cfg, scores, list(row), log_metric)
+        return scores
+
+    def format(completions: list[str], **_) -> list[float]:  # noqa: A001 - TRL logs it as "format"
+        if task.kind == "math":
+            return [1.0 if math_grader().last_boxed(c) is not None else 0.0 for c in completions]
+        return [1.0 if len(CODE_BLOCK.findall(c)) == 1 else 0.0 for c in completions]
+
+    return [correctness, format]
+
+
+def reward_weights(cfg: Config) -> list[float]:
+    return [cfg.correctness_weight, cfg.format_weight]
+
+
+def score_completions(cfg: Config, task: Task, completions: list[str], golds: list[str]) -> dict:
+    """Every reward component for a batch, exactly as the trainer computes them."""
+    funcs = make_reward_funcs(cfg, task)
+    per = {f.__name__: f(completions=completions, gold=golds) for f in funcs}
+    weights = reward_weights(cfg)
+    total = [
+        sum(w * per[f.__name__][i] for w, f in zip(weights, funcs, strict=True))
+        for i in range(len(completions))
+    ]
+    return {"components": per, "reward": total}
+
+
+# ==================================================================================================
+# 5. EVALUATION - pass@k / maj@k / mean@k. Try not to modify.
+# ==================================================================================================
+class EvalError(Exception):
+    """Evaluation could not produce honest numbers (e.g. generation failed after retries)."""
+
+
+@dataclass
+class Sample:
+    text: str
+    length: int  # completion tokens
+    truncated: bool  # stopped at max_completion_length without an end-of-sequence token
+
+
+Generate = Callable[[list[str], int, dict], list[list[Sample]]]  # prompts, n, sampling -> samples
+
+
+def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
+    """maj@n: the most frequent extracted answer wins; ties go to the one seen first."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a for a in answers if a is not None and votes[a] == top)
+    return correct[answers.index(winner)]
+
+
+def summarize(cfg: Config, task: Task, rows: list[dict]) -> dict:
+    """Summary metrics from per-problem rows; anyone can recompute them from the eval JSON."""
+    ks = [k for k in eval_ks(cfg) if k <= cfg.eval_samples]
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(r["n"], sum(r["correct"]), k) for r in rows) / len(rows)
+    out[f"mean@{cfg.eval_samples}"] = sum(sum(r["correct"]) / r["n"] for r in rows) / len(rows)
+    if task.kind == "math":
+        out[f"maj@{cfg.eval_samples}"] = sum(
+            majority_correct(r["answers"], r["correct"]) for r in rows
+        ) / len(rows)
+    samples = [i for r in rows for i in range(r["n"])]
+    for comp in rows[0]["rewards"]:
+        out[f"reward/{comp}"] = sum(sum(r["rewards"][comp]) for r in rows) / len(samples)
+    out["format_rate"] = sum(sum(x == 1.0 for x in r["rewards"]["format"]) for r in rows) / len(
+        samples
+    )
+    out["completion_length"] = sum(sum(r["lengths"]) for r in rows) / len(samples)
+    out["truncated_rate"] = sum(sum(r["truncated"]) for r in rows) / len(samples)
+    if rows[0].get("greedy_correct") is not None:
+        out["greedy_pass@1"] = sum(r["greedy_correct"] for r in rows) / len(rows)
+    return out
+
+
+def sampling_params(cfg: Config) -> dict:
+    return dict(
+        temperature=cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature,
+        top_p=cfg.top_p if cfg.eval_top_p is None else cfg.eval_top_p,
+        top_k=cfg.top_k,
+        max_tokens=cfg.max_completion_length,
+    )
+
+
+def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, step: int) -> dict:
+    """Generate eval_samples completions per problem, grade them, write eval/step_XXXXX.json."""
+    prompts = [e["prompt"] for e in examples]
+    samples = generate(prompts, cfg.eval_samples, sampling_params(cfg))
+    if len(samples) != len(prompts) or any(len(s) != cfg.eval_samples for s in samples):
+        raise EvalError("the generation backend returned the wrong number of completions")
+    flat = [s.text for group in samples for s in group]
+    golds = [e["gold"] for e in examples for _ in range(cfg.eval_samples)]
+    scored = score_completions(cfg, task, flat, golds)
+    answers: list[str | None] = [None] * len(flat)
+    if task.kind == "math":
+        answers = [math_grader().extract_answer(t, task.name) for t in flat]
+    greedy = None
+    if cfg.eval_greedy:
+        g = generate(prompts, 1, {**sampling_params(cfg), "temperature": 0.0})
+        greedy = score_completions(cfg, task, [x[0].text for x in g], [e["gold"] for e in examples])
+    n = cfg.eval_samples
+    rows = []
+    for i, e in enumerate(examples):
+        sl = slice(i * n, (i + 1) * n)
+        rows.append(
+            {
+                "row": e["row"],
+                "n": n,
+                "correct": [int(x == 1.0) for x in scored["components"]["correctness"][sl]],
+                "answers": answers[sl],
+                "rewards": {k: v[sl] for k, v in scored["components"].items()},
+                "lengths": [s.length for s in samples[i]],
+                "truncated": [int(s.truncated) for s in samples[i]],
+                "greedy_correct": None
+                if greedy is None
+                else int(greedy["components"]["correctness"][i] == 1.0),
+            }
+        )
+    summary = summarize(cfg, task, rows)
+    out = Path(cfg.output_dir) / "eval" / f"step_{step:05d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"step": step, "split": cfg.eval_split, "summary": summary, "rows": rows})
+    )
+    return summary
+
+
+def _retry(fn: Callable, what: str, tries: int = 3):
+    for attempt in range(1, tries + 1):
+        try:
+            return fn()
+        except Exception as e:  # a failed request must fail the eval, never score 0
+            if attempt == tries:
+                raise EvalError(f"{what} failed {tries} times: {e}") from e
+            time.sleep(2 ** (attempt - 1))
+
+
+def hf_generate(model, tokenizer, batch_prompts: int = 16) -> Generate:
+    """Batched transformers generation (vllm_mode=none)."""
+    import torch
+    from tqdm import tqdm
+
+    def generate(prompts: list[str], n: int, sp: dict) -> list[list[Sample]]:
+        was_training = model.training
+        model.eval()
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        out: list[list[Sample]] = []
+        greedy = sp["temperature"] == 0.0
+        try:
+            for start in tqdm(range(0, len(prompts), batch_prompts), desc="eval", leave=False):
+                chunk = prompts[start : start + batch_prompts]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
+                with torch.no_grad():
+                    gen = model.generate(
+                        **enc,
+                        max_new_tokens=sp["max_tokens"],
+                        do_sample=not greedy,
+                        temperature=None if greedy else sp["temperature"],
+                        top_p=None if greedy else sp["top_p"],
+                        top_k=None if greedy or not sp["top_k"] else sp["top_k"],
+                        num_return_sequences=n,
+                        pad_token_id=tokenizer.pad_token_id,
+                        use_cache=True,
+                    )
+                for j in range(len(chunk)):
+                    group = []
+                    for seq in gen[j * n : (j + 1) * n, enc["input_ids"].shape[1] :].tolist():
+                        ended = next((i for i, t in enumerate(seq) if t in eos), None)
+                        ids = seq if ended is None else seq[:ended]
+                        group.append(
+                            Sample(
+                                tokenizer.decode(ids, skip_special_tokens=True),
+                                len(ids),
+                                ended is None and len(seq) >= sp["max_tokens"],
+                            )
+                        )
+                    out.append(group)
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+        return out
+
+    return generate
+
+
+def _samples_from_ids(tokenizer, ids_list: list[list[int]], max_tokens: int) -> list[Sample]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in ids_list:
+        ended = bool(ids) and ids[-1] in (eos, tokenizer.pad_token_id)
+        out.append(
+            Sample(
+                tokenizer.decode(ids, skip_special_tokens=True),
+                len(ids),
+                not ended and len(ids) >= max_tokens,
+            )
+        )
+    return out
+
+
+def vllm_server_generate(client, tokenizer, batch_prompts: int = 64) -> Generate:
+    """Generation through the vLLM server (TRL's VLLMClient, the trainer's own connection)."""
+    from tqdm import tqdm
+
+    def generate(prompts: list[str], n: int, sp: dict) -> list[list[Sample]]:
+        out: list[list[Sample]] = []
+        for start in tqdm(range(0, len(prompts), batch_prompts), desc="eval", leave=False):
+            chunk = prompts[start : start + batch_prompts]
+            res = _retry(
+                lambda chunk=chunk: client.generate(
+                    chunk,
+                    n=n,
+                    temperature=sp["temperature"],
+                    top_p=sp["top_p"],
+                    top_k=sp["top_k"],
+                    max_tokens=sp["max_tokens"],
+                    logprobs=None,
+                ),
+                f"vLLM generation at {client.base_url}",
+            )
+            ids = res["completion_ids"]
+            if len(ids) != len(chunk) * n:
+                raise EvalError(
+                    f"vLLM server returned {len(ids)} completions, expected {len(chunk) * n}"
+                )
+            for j in range(len(chunk)):
+                out.append(_samples_from_ids(tokenizer, ids[j * n : (j + 1) * n], sp["max_tokens"]))
+        return out
+
+    return generate
+
+
+def vllm_colocate_generate(llm, tokenizer) -> Generate:
+    """Generation through an in-process vLLM engine (colocate mode)."""
+    from vllm import SamplingParams
+
+    def generate(prompts: list[str], n: int, sp: dict) -> list[list[Sample]]:
+        params = SamplingParams(
+            n=n,
+            temperature=sp["temperature"],
+            top_p=sp["top_p"],
+            top_k=sp["top_k"] or -1,
+            max_tokens=sp["max_tokens"],
+        )
+        outs = _retry(lambda: llm.generate(prompts, params, use_tqdm=True), "vLLM generation")
+        return [
+            _samples_from_ids(tokenizer, [list(c.token_ids) for c in o.outputs], sp["max_tokens"])
+            for o in outs
+        ]
+
+    return generate
+
+
+def print_table(history: list[dict]) -> None:
+    if not history:
+        return
+    keys = [k for k in history[-1] if k != "step" and not k.startswith("reward/")]
+    print("\n" + "  ".join(["step".rjust(6)] + [k.rjust(max(8, len(k))) for k in keys]))
+    for h in history:
+        cells = [f"{h.get(k, float('nan')):.3f}".rjust(max(8, len(k))) for k in keys]
+        print("  ".join([str(h["step"]).rjust(6)] + cells))
+    print(flush=True)
+
+
+def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
+    """A PNG of training reward and eval metrics over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [(h["step"], h["reward"]) for h in log_history if "reward" in h]
+    if train:
+        ax1.plot(*zip(*train, strict=True), marker=".")
+    ax1.set(title="training reward (mean)", xlabel="step")
+    for key in [
+        k for k in (evals[-1] if evals else {}) if k.startswith(("pass@", "mean@", "maj@"))
+    ]:
+        ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
+    ax2.set(title="evaluation", xlabel="step", ylim=(0, 1))
+    if evals:
+        ax2.legend()
+    fig.tight_layout()
+    path = Path(output_dir) / "metrics.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ==================================================================================================
+# 6. TRAINER - GRPOConfig and GRPOTrainer wiring. Try not to modify.
+# ==================================================================================================
+def torch_dtype(cfg: Config):
+    import torch
+
+    name = cfg.dtype
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_available() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def build_smoke_model(tokenizer, seed: int):
+    """A tiny random-init Qwen2 (head_dim 32) over the real Qwen2.5 vocabulary."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def load_model(cfg: Config, tokenizer):
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model_id == SMOKE_MODEL:
+        return build_smoke_model(tokenizer, cfg.seed)
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.model_id,
+            dtype=torch_dtype(cfg),
+            attn_implementation="flash_attention_2" if flash else "sdpa",
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load model {cfg.model_id!r}: {first}") from None
+
+
+def check_vllm_server(cfg: Config) -> None:
+    """One line naming host:port when no vLLM server answers, or it serves another model."""
+    base = f"http://{cfg.vllm_host}:{cfg.vllm_port}"
+    deadline = time.monotonic() + cfg.vllm_server_timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"no vLLM server answered at {cfg.vllm_host}:{cfg.vllm_port} within "
+                f"{cfg.vllm_server_timeout:.0f} s; start one with ./run_algo.sh {cfg.dataset} "
+                f"(or `trl vllm-serve --model {cfg.model_id} --port {cfg.vllm_port}`), "
+                "or use --vllm-mode colocate / none"
+            )
+        time.sleep(2)
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as r:
+            served = [m["id"] for m in json.load(r)["data"]]
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return  # an older server without /v1/models: TRL will report problems itself
+    if cfg.model_id not in served:
+        raise ConfigError(
+            f"the vLLM server at {cfg.vllm_host}:{cfg.vllm_port} serves {served}, not "
+            f"{cfg.model_id!r}: restart it with the same model as the trainer"
+        )
+
+
+def grpo_config(cfg: Config, weights: list[float] | None = None):
+    import torch
+    from trl import GRPOConfig
+
+    dtype = torch_dtype(cfg)
+    use_vllm = cfg.vllm_mode != "none"
+    return GRPOConfig(
+        output_dir=cfg.output_dir,
+        run_name=cfg.run_name,
+        seed=cfg.seed,  # also data order and sampling: a different seed is a different run
+        data_seed=cfg.seed,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        max_steps=cfg.total_steps,
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        loss_type=cfg.loss_type,
+        reward_weights=weights,
+        use_vllm=use_vllm,
+        vllm_mode=cfg.vllm_mode if use_vllm else "server",
+        vllm_server_host=cfg.vllm_host,
+        vllm_server_port=cfg.vllm_port,
+        vllm_group_port=cfg.vllm_group_port,
+        vllm_server_timeout=cfg.vllm_server_timeout,
+        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        use_cpu=not torch.cuda.is_available(),
+        log_completions=False,
+        disable_tqdm=False,
+    )
+
+
+def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer, history: list):
+    """Baseline before step 1, every eval_every steps, and the final weights at the last step."""
+    from transformers import TrainerCallback
+
+    class EvalCallback(TrainerCallback):
+        trainer = None
+
+        def run(self, state, control, args) -> None:
+            t = self.trainer
+            if t.use_vllm and state.global_step != t._last_loaded_step:
+                # TRL pushes weights lazily before its next generation; evaluate what we claim.
+                t.vllm_generation.sync_weights()
+                t._last_loaded_step = state.global_step
+            if t.accelerator.is_main_process:
+                if t.use_vllm and cfg.vllm_mode == "server":
+                    gen = vllm_server_generate(t.vllm_generation.vllm_client, tokenizer)
+                elif t.use_vllm:
+                    gen = vllm_colocate_generate(t.vllm_generation.llm, tokenizer)
+                else:
+                    gen = hf_generate(t.accelerator.unwrap_model(t.model), tokenizer)
+                summary = evaluate(cfg, task, examples, gen, state.global_step)
+                history.append({"step": state.global_step, **summary})
+                print_table(history[-1:])
+                logs = {f"eval/{k}": v for k, v in summary.items()}
+                t.callback_handler.on_log(args, state, control, logs=logs)
+            t.accelerator.wait_for_everyone()
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.global_step == 0:
+                self.run(state, control, args)
+
+        def on_step_end(self, args, state, control, **kw):
+            last = state.global_step >= state.max_steps
+            if last or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
+                self.run(state, control, args)
+
+    return EvalCallback()
+
+
+def build_trainer(
+    cfg: Config,
+    model,
+    tokenizer,
+    train_examples: list[dict],
+    reward_funcs: list[Callable],
+    weights: list[float] | None = None,
+    callbacks: list = (),
+):
+    """GRPOTrainer over `train_examples` ({"prompt", "gold", "row"}) with these reward functions."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    peft_config = None
+    if cfg.lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=2 * cfg.lora_r,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=grpo_config(cfg, weights),
+        train_dataset=Dataset.from_list(train_examples),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+
+
+# ==================================================================================================
+# 7. MAIN
+# ==================================================================================================
+def print_config(cfg: Config) -> None:
+    print("resolved config:")
+    for k, v in config_dict(cfg).items():
+        print(f"  {k:28s} {v!r}")
+    sys.stdout.flush()
+
+
+def run_score(cfg: Config, task: Task, tokenizer) -> int:
+    rows = load_rows(cfg, task, cfg.eval_split)
+    items = []
+    with open(cfg.score) as fh:
+        for ln, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                r, comp = obj["row"], obj["completion"]
+                if not isinstance(r, int) or not isinstance(comp, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise DataError(
+                    f'{cfg.score}: line {ln}: expected {{"row": <int>, "completion": "<text>"}}'
+                ) from None
+            if not 0 <= r < len(rows):
+                raise DataError(
+                    f"{cfg.score}: line {ln}: row {r} is out of range "
+                    f"(split {cfg.eval_split} has {len(rows)} rows)"
+                )
+            items.append((r, comp))
+    golds = [task.gold(rows[r]) for r, _ in items]
+    scored = score_completions(cfg, task, [c for _, c in items], golds)
+    out_path = cfg.score + ".scored.jsonl"
+    n_correct = 0
+    with open(out_path, "w") as out:
+        for i, (r, _) in enumerate(items):
+            comps = {k: v[i] for k, v in scored["components"].items()}
+            correct = comps["correctness"] == 1.0
+            n_correct += correct
+            out.write(
+                json.dumps(
+                    {"row": r, "reward": scored["reward"][i], "rewards": comps, "correct": correct}
+                )
+                + "\n"
+            )
+    mean = sum(scored["reward"]) / len(items) if items else 0.0
+    print(json.dumps({"n": len(items), "correct": n_correct, "mean_reward": mean}))
+    return 0
+
+
+def run_verify_gold(cfg: Config, task: Task) -> int:
+    rows = load_rows(cfg, task, cfg.eval_split)
+    rows = rows[: cfg.max_eval_samples] if cfg.max_eval_samples else rows
+    golds = [task.gold(r) for r in rows]
+    scored = score_completions(cfg, task, [task.gold_completion(r) for r in rows], golds)
+    corr = scored["components"]["correctness"]
+    failed = [i for i, c in enumerate(corr) if c != 1.0]
+    for i in failed:
+        print(
+            json.dumps(
+                {
+                    "row": i,
+                    "gold": golds[i][:200],
+                    "rewards": {k: v[i] for k, v in scored["components"].items()},
+                }
+            )
+        )
+    mean = sum(scored["reward"]) / len(rows) if rows else 0.0
+    print(json.dumps({"n": len(rows), "correct": len(rows) - len(failed), "mean_reward": mean}))
+    return 1 if failed or not rows else 0
+
+
+def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
+    if cfg.vllm_mode == "server":
+        from trl.generation.vllm_client import VLLMClient
+
+        check_vllm_server(cfg)
+        client = VLLMClient(host=cfg.vllm_host, server_port=cfg.vllm_port)
+        gen = vllm_server_generate(client, tokenizer)
+    elif cfg.vllm_mode == "colocate":
+        from vllm import LLM
+
+        llm = LLM(
+            model=cfg.model_id,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            seed=cfg.seed,
+        )
+        gen = vllm_colocate_generate(llm, tokenizer)
+    else:
+        import torch
+
+        model = load_model(cfg, tokenizer)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        gen = hf_generate(model, tokenizer)
+    summary = evaluate(cfg, task, examples, gen, step=0)
+    history = [{"step": 0, **summary}]
+    print_table(history)
+    plot_metrics(cfg.output_dir, [], history)
+    (Path(cfg.output_dir) / "summary.json").write_text(json.dumps({"eval": history}, indent=1))
+    return 0
+
+
+def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex: list[dict]) -> int:
+    import torch
+
+    if cfg.vllm_mode != "none" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"vllm_mode={cfg.vllm_mode} needs a CUDA GPU; use --vllm-mode none on CPU"
+        )
+    if cfg.vllm_mode == "server":
+        check_vllm_server(cfg)
+    resume_from = None
+    if cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if resume_from is None:
+            raise ConfigError(f"resume: no checkpoint-* directory in {cfg.output_dir}")
+        print(f"resuming from {resume_from}", flush=True)
+    model = load_model(cfg, tokenizer)
+    history: list[dict] = []
+    callbacks = []
+    if cfg.eval_samples:
+        callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
+    funcs = make_reward_funcs(cfg, task)
+    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
+    for cb in callbacks:
+        cb.trainer = trainer
+    start = time.time()
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(Path(cfg.output_dir) / "final"))
+    tokenizer.save_pretrained(str(Path(cfg.output_dir) / "final"))
+    if trainer.accelerator.is_main_process:
+        log = trainer.state.log_history
+        rewards = [h["reward"] for h in log if "reward" in h]
+        summary = {
+            "steps": trainer.state.global_step,
+            "train_seconds": round(time.time() - start, 1),
+            "first_reward": rewards[0] if rewards else None,
+            "last_reward": rewards[-1] if rewards else None,
+            "eval": history,
+            "final_model": str(Path(cfg.output_dir) / "final"),
+        }
+        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot = plot_metrics(cfg.output_dir, log, history)
+        print("\nevaluations:")
+        print_table(history)
+        print(
+            f"done: {summary['steps']} steps in {summary['train_seconds']} s; reward "
+            f"{summary['first_reward']} -> {summary['last_reward']}; "
+            f"summary, plot ({plot.name}) and final model in {cfg.output_dir}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve_config(argv)
+        task = TASKS[cfg.dataset]
+        print_config(cfg)
+        out = Path(cfg.output_dir)
+        if not (cfg.score or cfg.verify_gold):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+        if cfg.verify_gold:
+            return run_verify_gold(cfg, task)
+        tokenizer = load_tokenizer(cfg)
+        if cfg.score:
+            return run_score(cfg, task, tokenizer)
+        eval_ex = to_examples(
+            cfg, task, tokenizer, load_rows(cfg, task, cfg.eval_split), cfg.max_eval_samples
+        )
+        if cfg.eval_only:
+            return run_eval_only(cfg, task, tokenizer, eval_ex)
+        train_ex = to_examples(
+            cfg, task, tokenizer, load_rows(cfg, task, "train"), cfg.max_train_samples
+        )
+        if cfg.dry_run:
+            print(f"splits: train {len(train_ex)} rows, {cfg.eval_split} {len(eval_ex)} rows")
+            print("one prompt, fully formatted:\n" + train_ex[0]["prompt"])
+            print(f"its gold: {train_ex[0]['gold']}")
+            return 0
+        return run_train(cfg, task, tokenizer, train_ex, eval_ex)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, EvalError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        close_graders()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
