@@ -829,33 +829,52 @@ def _samples_from_ids(tokenizer, ids_list: list[list[int]], max_tokens: int) -> 
     return out
 
 
-def vllm_server_generate(client, tokenizer, batch_prompts: int = 64) -> Generate:
-    """Generation through the vLLM server (TRL's VLLMClient, the trainer's own connection)."""
+def vllm_server_generate(base_url: str, model: str, batch_prompts: int = 64) -> Generate:
+    """Generation through the vLLM server's OpenAI-compatible /v1/completions endpoint.
+
+    Plain HTTP rather than TRL's VLLMClient: it needs no vllm install, so eval-only runs and the
+    tests work anywhere. A request that still fails after retries fails the evaluation.
+    """
     from tqdm import tqdm
+
+    def request(chunk: list[str], n: int, sp: dict) -> list[dict]:
+        body = {
+            "model": model,
+            "prompt": chunk,
+            "n": n,
+            "temperature": sp["temperature"],
+            "top_p": sp["top_p"],
+            "top_k": sp["top_k"],
+            "max_tokens": sp["max_tokens"],
+            "return_token_ids": True,
+        }
+        req = urllib.request.Request(
+            f"{base_url}/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            choices = json.load(r)["choices"]
+        if len(choices) != len(chunk) * n:
+            raise EvalError(f"got {len(choices)} completions, expected {len(chunk) * n}")
+        return sorted(choices, key=lambda c: c["index"])
 
     def generate(prompts: list[str], n: int, sp: dict) -> list[list[Sample]]:
         out: list[list[Sample]] = []
         for start in tqdm(range(0, len(prompts), batch_prompts), desc="eval", leave=False):
             chunk = prompts[start : start + batch_prompts]
-            res = _retry(
-                lambda chunk=chunk: client.generate(
-                    chunk,
-                    n=n,
-                    temperature=sp["temperature"],
-                    top_p=sp["top_p"],
-                    top_k=sp["top_k"],
-                    max_tokens=sp["max_tokens"],
-                    logprobs=None,
-                ),
-                f"vLLM generation at {client.base_url}",
-            )
-            ids = res["completion_ids"]
-            if len(ids) != len(chunk) * n:
-                raise EvalError(
-                    f"vLLM server returned {len(ids)} completions, expected {len(chunk) * n}"
-                )
+            choices = _retry(lambda c=chunk: request(c, n, sp), f"vLLM request to {base_url}")
             for j in range(len(chunk)):
-                out.append(_samples_from_ids(tokenizer, ids[j * n : (j + 1) * n], sp["max_tokens"]))
+                out.append(
+                    [
+                        Sample(
+                            c["text"],
+                            len(c.get("token_ids") or []),
+                            c.get("finish_reason") == "length",
+                        )
+                        for c in choices[j * n : (j + 1) * n]
+                    ]
+                )
         return out
 
     return generate
@@ -870,7 +889,7 @@ def vllm_colocate_generate(llm, tokenizer) -> Generate:
             n=n,
             temperature=sp["temperature"],
             top_p=sp["top_p"],
-            top_k=sp["top_k"] or -1,
+            top_k=sp["top_k"],
             max_tokens=sp["max_tokens"],
         )
         outs = _retry(lambda: llm.generate(prompts, params, use_tqdm=True), "vLLM generation")
@@ -973,9 +992,13 @@ def load_model(cfg: Config, tokenizer):
         raise DataError(f"cannot load model {cfg.model_id!r}: {first}") from None
 
 
+def server_url(cfg: Config) -> str:
+    return f"http://{cfg.vllm_host}:{cfg.vllm_port}"
+
+
 def check_vllm_server(cfg: Config) -> None:
     """One line naming host:port when no vLLM server answers, or it serves another model."""
-    base = f"http://{cfg.vllm_host}:{cfg.vllm_port}"
+    base = server_url(cfg)
     deadline = time.monotonic() + cfg.vllm_server_timeout
     while True:
         try:
@@ -1066,7 +1089,7 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
                 t._last_loaded_step = state.global_step
             if t.accelerator.is_main_process:
                 if t.use_vllm and cfg.vllm_mode == "server":
-                    gen = vllm_server_generate(t.vllm_generation.vllm_client, tokenizer)
+                    gen = vllm_server_generate(server_url(cfg), cfg.model_id)
                 elif t.use_vllm:
                     gen = vllm_colocate_generate(t.vllm_generation.llm, tokenizer)
                 else:
@@ -1200,11 +1223,8 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
     if cfg.vllm_mode == "server":
-        from trl.generation.vllm_client import VLLMClient
-
         check_vllm_server(cfg)
-        client = VLLMClient(host=cfg.vllm_host, server_port=cfg.vllm_port)
-        gen = vllm_server_generate(client, tokenizer)
+        gen = vllm_server_generate(server_url(cfg), cfg.model_id)
     elif cfg.vllm_mode == "colocate":
         from vllm import LLM
 
