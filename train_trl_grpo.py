@@ -1157,7 +1157,7 @@ def print_config(cfg: Config) -> None:
     sys.stdout.flush()
 
 
-def run_score(cfg: Config, task: Task, tokenizer) -> int:
+def run_score(cfg: Config, task: Task) -> int:
     rows = load_rows(cfg, task, cfg.eval_split)
     items = []
     with open(cfg.score) as fh:
@@ -1167,7 +1167,7 @@ def run_score(cfg: Config, task: Task, tokenizer) -> int:
             try:
                 obj = json.loads(line)
                 r, comp = obj["row"], obj["completion"]
-                if not isinstance(r, int) or not isinstance(comp, str):
+                if type(r) is not int or not isinstance(comp, str):  # a bool is not a row
                     raise TypeError
             except (ValueError, KeyError, TypeError):
                 raise DataError(
@@ -1313,9 +1313,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
         if cfg.verify_gold:
             return run_verify_gold(cfg, task)
+        if cfg.score:  # grades against golds only: no tokenizer, so it works offline
+            return run_score(cfg, task)
         tokenizer = load_tokenizer(cfg)
-        if cfg.score:
-            return run_score(cfg, task, tokenizer)
         eval_ex = to_examples(
             cfg, task, tokenizer, load_rows(cfg, task, cfg.eval_split), cfg.max_eval_samples
         )
