@@ -727,6 +727,8 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
     greedy = None
     if cfg.eval_greedy:
         g = generate(prompts, 1, {**sampling_params(cfg), "temperature": 0.0})
+        if len(g) != len(prompts) or any(len(s) != 1 for s in g):
+            raise EvalError("the generation backend returned the wrong number of greedy samples")
         greedy = score_completions(cfg, task, [x[0].text for x in g], [e["gold"] for e in examples])
     n = cfg.eval_samples
     rows = []
