@@ -1,0 +1,46 @@
+"""Shared test setup: fully offline, no experiment trackers, the repo root importable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# Tests never reach the Hub: every model, tokenizer and data set comes from tests/fixtures.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No GRPO_* variables from the caller's shell, and a cwd without a .env file."""
+    for key in list(os.environ):
+        if key.startswith("GRPO_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real Qwen2.5 tokenizer, bundled in the repo."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(FIXTURES / "qwen2.5-tokenizer"))
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    """A tiny random-init Qwen2 (hidden 128, 4 heads of 32, 2 layers) over the real vocabulary."""
+    import train_trl_grpo as T
+
+    return T.build_smoke_model(tokenizer, seed=0)
