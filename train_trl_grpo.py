@@ -1100,7 +1100,11 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
                 history.append({"step": state.global_step, **summary})
                 print_table(history[-1:])
                 logs = {f"eval/{k}": v for k, v in summary.items()}
+                # Straight to the report_to loggers; on_log clears should_log, which would drop
+                # this step's own training log, so keep it.
+                should_log = control.should_log
                 t.callback_handler.on_log(args, state, control, logs=logs)
+                control.should_log = should_log
             t.accelerator.wait_for_everyone()
 
         def on_train_begin(self, args, state, control, **kw):
