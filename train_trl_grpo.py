@@ -51,9 +51,7 @@ FIXTURES = REPO_DIR / "tests" / "fixtures"  # bundled real rows and the Qwen2.5 
 class Config:
     # --- task and data ---
     dataset: str = "gsm8k"  # gsm8k | math | mbpp
-    data_dir: str = (
-        ""  # local DIR/{train,test,validation}.{jsonl,parquet} in the Hub schema; "" = Hub
-    )
+    data_dir: str = ""  # DIR/{train,test,validation}.{jsonl,parquet}, Hub schema; "" = Hub
     eval_split: str = ""  # "" = the dataset's default (gsm8k: test, math: validation, mbpp: test)
     max_train_samples: int = 0  # 0 = the whole split
     max_eval_samples: int = 0  # 0 = the whole split
@@ -89,9 +87,7 @@ class Config:
     grader_timeout: float = 2.0  # hard deadline per math answer, seconds
     sandbox_workers: int = 0  # code sandbox workers; 0 = one per CPU core
     sandbox_timeout: float = 5.0  # wall-clock deadline per program, seconds
-    unsafe_code_exec: bool = (
-        False  # run model code even where the sandbox's minimum isolation is missing
-    )
+    unsafe_code_exec: bool = False  # run model code even with less than the minimum isolation
     # --- generation backend ---
     vllm_mode: str = "server"  # server (./run_algo.sh) | colocate (one GPU) | none (transformers)
     vllm_host: str = "127.0.0.1"
@@ -1264,6 +1260,12 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
         )
     if cfg.vllm_mode == "server":
         check_vllm_server(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.vllm_mode == "none" and cfg.eval_samples:
+        # Sharded weights (ZeRO-3) would need every rank inside generate(); evaluation runs on one.
+        raise ConfigError(
+            "evaluation with several processes needs --vllm-mode server or colocate "
+            "(or --eval-samples 0)"
+        )
     resume_from = None
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
