@@ -140,6 +140,7 @@ SMOKE = dict(
     sandbox_workers=1,
 )
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
 
 
 # ==================================================================================================
@@ -247,6 +248,8 @@ def validate(cfg: Config) -> None:
     need(cfg.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype: auto | bf16 | fp16 | fp32")
     need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
     need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
+    need(cfg.loss_type in LOSS_TYPES, f"loss_type: one of {' | '.join(LOSS_TYPES)}")
+    need(cfg.lora_r >= 0 and cfg.eval_samples >= 0, "lora_r and eval_samples must be >= 0")
     need(
         cfg.eval_split in TASKS[cfg.dataset].splits,
         f"eval_split: {cfg.dataset} has splits "

@@ -97,6 +97,7 @@ def test_smoke_preset_yields_to_explicit_values(clean_env, monkeypatch):
         (["--total-steps", "1.5"], {}, "total_steps"),
         (["--dataset", "imagenet"], {}, "dataset"),
         (["--vllm-mode", "remote"], {}, "vllm_mode"),
+        (["--loss-type", "ppo"], {}, "loss_type"),
         (["--eval-samples", "4", "--eval-ks", "1,8"], {}, "eval_ks"),
         (["--batch-size", "3", "--grad-accum-steps", "1"], {}, "num_generations"),
         (["--dataset", "gsm8k", "--eval-split", "validation"], {}, "eval_split"),
