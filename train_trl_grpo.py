@@ -721,8 +721,10 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
     golds = [e["gold"] for e in examples for _ in range(cfg.eval_samples)]
     scored = score_completions(cfg, task, flat, golds)
     answers: list[str | None] = [None] * len(flat)
-    if task.kind == "math":
-        answers = [math_grader().extract_answer(t, task.name) for t in flat]
+    if task.kind == "math":  # normalized, so "18", "18.00" and "$18" are one vote
+        mg = math_grader()
+        raw = [mg.extract_answer(t, task.name) for t in flat]
+        answers = [None if a is None else mg.normalize_answer(a, task.name) for a in raw]
     greedy = None
     if cfg.eval_greedy:
         g = generate(prompts, 1, {**sampling_params(cfg), "temperature": 0.0})

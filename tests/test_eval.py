@@ -296,6 +296,23 @@ def test_evaluate_writes_summary_and_rows(tmp_path):
     assert "greedy_pass@1" not in summary
 
 
+def test_majority_vote_counts_equivalent_answer_forms_as_one(tmp_path):
+    """Three spellings of the gold outvote two copies of a wrong answer."""
+    (example,) = _gsm8k_examples([0])
+    g = example["gold"]
+    texts = [f"\\boxed{{{g}.00}}", f"\\boxed{{\\${g}}}", f"\\boxed{{{g}}}"]
+    texts += [f"\\boxed{{{int(g) + 1}}}"] * 2
+
+    def generate(prompts, n, sp):
+        return [[Sample(t, 5, False) for t in texts]]
+
+    cfg = _gsm8k_cfg(tmp_path, "--eval-samples", "5")
+    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], [example], generate, step=0)
+    assert summary["maj@5"] == 1.0 and summary["mean@5"] == pytest.approx(3 / 5)
+    rows = json.loads((tmp_path / "eval" / "step_00000.json").read_text())["rows"]
+    assert rows[0]["answers"] == [g, g, g, str(int(g) + 1), str(int(g) + 1)]
+
+
 def test_evaluate_greedy_adds_greedy_pass_at_1(tmp_path):
     examples = _gsm8k_examples([0, 5, 7, 11])
     cfg = _gsm8k_cfg(tmp_path, "--eval-greedy")
