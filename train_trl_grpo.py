@@ -322,8 +322,8 @@ class Task:
     splits: tuple[str, ...]
     eval_split: str
     fields: tuple[str, ...]  # required in every row
-    instruction: str
-    question: Callable[[dict], str]  # row -> the user's question (without the instruction)
+    instruction: str  # the default; Config.instruction replaces it
+    user: Callable[[dict, str], str]  # (row, instruction) -> the user message
     gold: Callable[[dict], str]  # row -> what the correctness reward compares against
     gold_completion: Callable[[dict], str]  # row -> the gold solution as a model would answer
     carve_validation: int = 0  # rows carved from train into "validation" (stratified, fixed seed)
@@ -344,8 +344,13 @@ def _mbpp_tests(row: dict) -> list[str]:
     return list(row["test_list"]) + list(row.get("challenge_test_list") or [])
 
 
-def _mbpp_question(row: dict) -> str:
-    return row["text"] + "\n\n" + CODE_INSTRUCTION + "\n\n" + "\n".join(row["test_list"])
+def _math_user(question_field: str) -> Callable[[dict, str], str]:
+    return lambda row, instruction: f"{row[question_field]}\n\n{instruction}".strip()
+
+
+def _mbpp_user(row: dict, instruction: str) -> str:
+    # The asserts show the function's name and signature, so they go last, after the instruction.
+    return f"{row['text']}\n\n{instruction}\n\n" + "\n".join(row["test_list"])
 
 
 TASKS: dict[str, Task] = {
@@ -358,7 +363,7 @@ TASKS: dict[str, Task] = {
         eval_split="test",
         fields=("question", "answer"),
         instruction=MATH_INSTRUCTION,
-        question=lambda row: row["question"],
+        user=_math_user("question"),
         gold=_gsm8k_gold,
         gold_completion=_gsm8k_gold_completion,
     ),
@@ -379,7 +384,7 @@ TASKS: dict[str, Task] = {
         eval_split="validation",
         fields=("problem", "solution", "type"),
         instruction=MATH_INSTRUCTION,
-        question=lambda row: row["problem"],
+        user=_math_user("problem"),
         gold=lambda row: math_grader().gold_from_solution(row["solution"], "math"),
         gold_completion=lambda row: row["solution"],
         carve_validation=500,
@@ -393,8 +398,8 @@ TASKS: dict[str, Task] = {
         splits=("train", "validation", "test"),
         eval_split="test",
         fields=("text", "code", "test_list"),
-        instruction="",  # the instruction sits between the problem and its asserts
-        question=_mbpp_question,
+        instruction=CODE_INSTRUCTION,
+        user=_mbpp_user,
         gold=lambda row: json.dumps(
             {"tests": _mbpp_tests(row), "setup": row.get("test_setup_code") or ""}
         ),
@@ -411,8 +416,7 @@ CHATML_TEMPLATE = (
 
 def build_prompt(cfg: Config, task: Task, tokenizer, row: dict) -> str:
     """The one prompt builder: training, evaluation, --score and --dry-run all go through it."""
-    instruction = cfg.instruction or task.instruction
-    user = task.question(row) + (f"\n\n{instruction}" if instruction else "")
+    user = task.user(row, cfg.instruction or task.instruction)
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     messages.append({"role": "user", "content": user})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
