@@ -275,7 +275,8 @@ def validate(cfg: Config) -> None:
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
     if cfg.report_to == "wandb":
         need(
-            bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "offline",
+            bool(os.environ.get("WANDB_API_KEY"))
+            or os.environ.get("WANDB_MODE") in ("offline", "disabled"),
             "report_to: wandb needs WANDB_API_KEY (or WANDB_MODE=offline) in the env or .env",
         )
 
@@ -1328,6 +1329,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (cfg.score or cfg.verify_gold):
             out.mkdir(parents=True, exist_ok=True)
             (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+        if task.kind == "code" and not cfg.dry_run:
+            get_sandbox(cfg)  # says which isolation layers it got, or refuses, before any work
         if cfg.verify_gold:
             return run_verify_gold(cfg, task)
         if cfg.score:  # grades against golds only: no tokenizer, so it works offline
