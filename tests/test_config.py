@@ -101,7 +101,7 @@ def test_smoke_preset_yields_to_explicit_values(clean_env, monkeypatch):
         (["--eval-samples", "4", "--eval-ks", "1,8"], {}, "eval_ks"),
         (["--batch-size", "3", "--grad-accum-steps", "1"], {}, "num_generations"),
         (["--dataset", "gsm8k", "--eval-split", "validation"], {}, "eval_split"),
-        (["--report-to", "wandb"], {"WANDB_API_KEY": ""}, "WANDB_API_KEY"),
+        (["--report-to", "wandb"], {"WANDB_API_KEY": "", "WANDB_MODE": "online"}, "WANDB_API_KEY"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, needle):
