@@ -717,7 +717,7 @@ def sampling_params(cfg: Config) -> dict:
 
 
 def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, step: int) -> dict:
-    """Generate eval_samples completions per problem, grade them, write eval/step_XXXXX.json."""
+    """Generate eval_samples completions per problem, grade them, write eval/step_NNNNN.json."""
     prompts = [e["prompt"] for e in examples]
     samples = generate(prompts, cfg.eval_samples, sampling_params(cfg))
     if len(samples) != len(prompts) or any(len(s) != cfg.eval_samples for s in samples):
