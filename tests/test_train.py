@@ -109,3 +109,13 @@ def test_learning_sanity_reward_rises(clean_env, tokenizer, tiny_model, reward):
     assert len(rewards) == 12
     first, last = sum(rewards[:2]) / 2, sum(rewards[-4:]) / 4
     assert last > first + 0.2 and last > 0.8, rewards
+
+
+def test_lora_trains_an_adapter(tmp_path):
+    out = tmp_path / "lora"
+    args = ["--smoke", "--output-dir", str(out), "--total-steps", "1", "--lora-r", "4"]
+    assert T.main([*args, "--eval-samples", "0", "--lr", "1e-2"]) == 0
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert (out / "final" / "adapter_model.safetensors").exists()
+    assert not (out / "final" / "model.safetensors").exists()  # no full copy of the base model
