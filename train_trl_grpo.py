@@ -1105,7 +1105,8 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
                 summary = evaluate(cfg, task, examples, gen, state.global_step)
                 history.append({"step": state.global_step, **summary})
                 print_table(history[-1:])
-                logs = {f"eval/{k}": v for k, v in summary.items()}
+                # "eval_" is the prefix the wandb and tensorboard callbacks file under "eval/".
+                logs = {f"eval_{k}": v for k, v in summary.items()}
                 # Straight to the report_to loggers; on_log clears should_log, which would drop
                 # this step's own training log, so keep it.
                 should_log = control.should_log

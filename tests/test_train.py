@@ -119,3 +119,16 @@ def test_lora_trains_an_adapter(tmp_path):
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
     assert (out / "final" / "adapter_model.safetensors").exists()
     assert not (out / "final" / "model.safetensors").exists()  # no full copy of the base model
+
+
+def test_eval_metrics_reach_tensorboard_under_eval(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    args = ["--smoke", "--output-dir", str(out), "--total-steps", "1", "--report-to", "tensorboard"]
+    assert T.main([*args, "--max-eval-samples", "2"]) == 0
+    (run_dir,) = {p.parent for p in out.glob("runs/**/events.out.tfevents.*")}
+    tags = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
+    assert {"eval/pass@1", "eval/mean@4", "eval/maj@4", "train/reward"} <= set(tags), tags
+    steps = [e.step for e in EventAccumulator(str(run_dir)).Reload().Scalars("eval/pass@1")]
+    assert steps == [0, 1]  # baseline and final weights
