@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,21 @@ def tiny_model(tokenizer):
     import train_trl_grpo as T
 
     return T.build_smoke_model(tokenizer, seed=0)
+
+
+def run_script(
+    args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """train_trl_grpo.py as a user runs it: a fresh process, no GRPO_* from the caller's shell,
+    and (unless `cwd` says otherwise) a working directory with no .env file."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
+    full.update(env or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "train_trl_grpo.py"), *args],
+            cwd=cwd or tmp,
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )

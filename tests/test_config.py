@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 import train_trl_grpo as T
 
@@ -17,16 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train_trl_grpo.py"), *args],
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script(args, cwd, env)
 
 
 def test_defaults_are_the_documented_ones(clean_env):

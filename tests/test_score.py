@@ -18,18 +18,13 @@ ENV.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
 FIXTURE_ROWS = {"gsm8k": 264, "math": 900, "mbpp": 100}
 
 sys.path.insert(0, str(ROOT))
+from conftest import run_script  # noqa: E402
+
 import train_trl_grpo as ttg  # noqa: E402
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train_trl_grpo.py"), *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script(list(args), env=ENV)
 
 
 def data_args(dataset: str, data_dir: Path | None = None) -> list[str]:
