@@ -467,17 +467,22 @@ health_ok() {
             IFS= read -r status <&3 && [[ $status == "HTTP/"*" 200"* ]]' "$CLIENT_HOST" "$VLLM_PORT" 2>/dev/null
     fi
 }
+# A server that is gone ends the run with its status and the tail of its log.
+exit_if_server_died() {
+    local rc=0
+    if [[ -n $SERVER_PID ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        wait "$SERVER_PID" || rc=$?
+        log "the vLLM server exited with status $rc $1"
+        server_tail
+        exit 1
+    fi
+}
+
 wait_for_health() {
-    local deadline=$((SECONDS + HEALTH_TIMEOUT)) rc
+    local deadline=$((SECONDS + HEALTH_TIMEOUT))
     log "waiting up to ${HEALTH_TIMEOUT}s for $HEALTH_URL"
     until health_ok; do
-        if [[ -n $SERVER_PID ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            rc=0
-            wait "$SERVER_PID" || rc=$?
-            log "the vLLM server exited with status $rc while starting"
-            server_tail
-            exit 1
-        fi
+        exit_if_server_died "while starting"
         if ((SECONDS >= deadline)); then
             log "the vLLM server at $HEALTH_URL was not healthy after ${HEALTH_TIMEOUT}s (HEALTH_TIMEOUT)"
             [[ -n $SERVER_PID ]] && server_tail
@@ -530,13 +535,7 @@ TEE_PID=$!
 TRAINER_PID=$!
 
 while kill -0 "$TRAINER_PID" 2>/dev/null; do
-    if [[ -n $SERVER_PID ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        rc=0
-        wait "$SERVER_PID" || rc=$?
-        log "the vLLM server exited with status $rc during training; stopping the trainer"
-        server_tail
-        exit 1
-    fi
+    exit_if_server_died "during training; stopping the trainer"
     sleep 0.5
 done
 status=0

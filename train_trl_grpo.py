@@ -504,14 +504,22 @@ def load_rows(cfg: Config, task: Task, split: str) -> list[dict]:
 def to_examples(cfg: Config, task: Task, tokenizer, rows: list[dict], cap: int) -> list[dict]:
     """Rows -> {"prompt", "gold", "row"}, the columns the trainer and the rewards see."""
     rows = rows[:cap] if cap else rows
-    out = []
-    for i, row in enumerate(rows):
-        try:
-            gold = task.gold(row)
-        except (ValueError, KeyError) as e:
-            raise DataError(f"{task.name}: row {i}: no gold answer ({e})") from None
-        out.append({"prompt": build_prompt(cfg, task, tokenizer, row), "gold": gold, "row": i})
-    return out
+    return [
+        {
+            "prompt": build_prompt(cfg, task, tokenizer, row),
+            "gold": gold_of(task, rows, i),
+            "row": i,
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+def gold_of(task: Task, rows: list[dict], i: int) -> str:
+    """The gold of row i, or one line naming the row when the data has none."""
+    try:
+        return task.gold(rows[i])
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{task.name}: row {i}: no gold answer ({e})") from None
 
 
 def load_tokenizer(cfg: Config):
@@ -1192,7 +1200,7 @@ def run_score(cfg: Config, task: Task) -> int:
                     f"(split {cfg.eval_split} has {len(rows)} rows)"
                 )
             items.append((r, comp))
-    golds = [task.gold(rows[r]) for r, _ in items]
+    golds = [gold_of(task, rows, r) for r, _ in items]
     scored = score_completions(cfg, task, [c for _, c in items], golds)
     out_path = cfg.score + ".scored.jsonl"
     n_correct = 0
@@ -1215,7 +1223,7 @@ def run_score(cfg: Config, task: Task) -> int:
 def run_verify_gold(cfg: Config, task: Task) -> int:
     rows = load_rows(cfg, task, cfg.eval_split)
     rows = rows[: cfg.max_eval_samples] if cfg.max_eval_samples else rows
-    golds = [task.gold(r) for r in rows]
+    golds = [gold_of(task, rows, i) for i in range(len(rows))]
     scored = score_completions(cfg, task, [task.gold_completion(r) for r in rows], golds)
     corr = scored["components"]["correctness"]
     failed = [i for i, c in enumerate(corr) if c != 1.0]

@@ -232,3 +232,12 @@ def test_row_missing_field_is_named(tmp_path, dataset, field):
     assert proc.returncode != 0
     line = one_error_line(proc)
     assert str(tmp_path / "test.jsonl") in line and "row 1" in line and repr(field) in line
+
+
+def test_row_without_a_gold_answer_is_one_line(tmp_path):
+    broken = rows("gsm8k")[:3]
+    broken[1]["answer"] = "no final number marker here"
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken))
+    res = run(*data_args("gsm8k", tmp_path), "--verify-gold")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "row 1" in res.stderr
