@@ -13,7 +13,8 @@ Read it top to bottom; it follows the pipeline:
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
     6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
-    7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold
+    7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold,
+                         --compare (runs side by side, in compare.py)
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Config:
     eval_greedy: bool = False  # also report greedy pass@1
     eval_temperature: float | None = None  # None = training's temperature
     eval_top_p: float | None = None  # None = training's top_p
+    eval_subsample: int = 0  # mid-run evals on N fixed problems; 0 = all (baseline, final: all)
     # --- output ---
     output_dir: str = ""  # "" = outputs/<run_name>
     run_name: str = ""  # "" = <dataset>-<model name>
@@ -250,6 +252,7 @@ def validate(cfg: Config) -> None:
     need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
     need(cfg.loss_type in LOSS_TYPES, f"loss_type: one of {' | '.join(LOSS_TYPES)}")
     need(cfg.lora_r >= 0 and cfg.eval_samples >= 0, "lora_r and eval_samples must be >= 0")
+    need(cfg.eval_subsample >= 0, "eval_subsample: must be >= 0 (0 = the whole eval set)")
     need(
         cfg.eval_split in TASKS[cfg.dataset].splits,
         f"eval_split: {cfg.dataset} has splits "
@@ -691,17 +694,48 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return correct[answers.index(winner)]
 
 
+def problem_scores(rows: list[dict], ks: list[int], majority: bool) -> dict[str, list[float]]:
+    """Each headline metric (pass@k, mean@n, maj@n, greedy pass@1) as one value per problem;
+    the metric is their mean, so intervals and paired differences resample these lists."""
+    n = rows[0]["n"]
+    out = {f"pass@{k}": [pass_at_k(r["n"], sum(r["correct"]), k) for r in rows] for k in ks}
+    out[f"mean@{n}"] = [sum(r["correct"]) / r["n"] for r in rows]
+    if majority:
+        out[f"maj@{n}"] = [float(majority_correct(r["answers"], r["correct"])) for r in rows]
+    if rows[0].get("greedy_correct") is not None:
+        out["greedy_pass@1"] = [float(r["greedy_correct"]) for r in rows]
+    return out
+
+
+# 95 % intervals: percentile bootstrap over problems (the samples of a problem stay together),
+# with a fixed seed, so one eval file always gives the same interval.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values` (per-problem scores or differences)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = np.concatenate(  # in chunks, so 5,000 problems never need a 1000 x 5000 index array
+        [
+            x[rng.integers(0, len(x), size=(min(100, BOOTSTRAP_RESAMPLES - i), len(x)))].mean(1)
+            for i in range(0, BOOTSTRAP_RESAMPLES, 100)
+        ]
+    )
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def summarize(cfg: Config, task: Task, rows: list[dict]) -> dict:
     """Summary metrics from per-problem rows; anyone can recompute them from the eval JSON."""
     ks = [k for k in eval_ks(cfg) if k <= cfg.eval_samples]
     out: dict[str, float] = {}
-    for k in ks:
-        out[f"pass@{k}"] = sum(pass_at_k(r["n"], sum(r["correct"]), k) for r in rows) / len(rows)
-    out[f"mean@{cfg.eval_samples}"] = sum(sum(r["correct"]) / r["n"] for r in rows) / len(rows)
-    if task.kind == "math":
-        out[f"maj@{cfg.eval_samples}"] = sum(
-            majority_correct(r["answers"], r["correct"]) for r in rows
-        ) / len(rows)
+    for name, values in problem_scores(rows, ks, task.kind == "math").items():
+        if name != "greedy_pass@1":  # reported last, as before
+            out[name] = sum(values) / len(values)
     samples = [i for r in rows for i in range(r["n"])]
     for comp in rows[0]["rewards"]:
         out[f"reward/{comp}"] = sum(sum(r["rewards"][comp]) for r in rows) / len(samples)
@@ -724,8 +758,14 @@ def sampling_params(cfg: Config) -> dict:
     )
 
 
-def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, step: int) -> dict:
-    """Generate eval_samples completions per problem, grade them, write eval/step_NNNNN.json."""
+def evaluate(
+    cfg: Config, task: Task, examples: list[dict], generate: Generate, step: int, subsample=False
+) -> dict:
+    """Generate eval_samples completions per problem, grade them, write eval/step_NNNNN.json.
+
+    Returns that file's record without its rows: step, split, problems, subsample (True for a
+    mid-run eval on the eval_subsample problems), summary (flat floats) and ci95 ({metric: [lo,
+    hi]} for pass@k, mean@n, maj@n and greedy pass@1)."""
     prompts = [e["prompt"] for e in examples]
     samples = generate(prompts, cfg.eval_samples, sampling_params(cfg))
     if len(samples) != len(prompts) or any(len(s) != cfg.eval_samples for s in samples):
@@ -762,13 +802,37 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
                 else int(greedy["components"]["correctness"][i] == 1.0),
             }
         )
-    summary = summarize(cfg, task, rows)
+    ks = [k for k in eval_ks(cfg) if k <= cfg.eval_samples]
+    record = {
+        "step": step,
+        "split": cfg.eval_split,
+        "problems": len(rows),
+        "subsample": subsample,
+        "summary": summarize(cfg, task, rows),
+        "ci95": {
+            m: list(bootstrap_ci(v))
+            for m, v in problem_scores(rows, ks, task.kind == "math").items()
+        },
+    }
     out = Path(cfg.output_dir) / "eval" / f"step_{step:05d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"step": step, "split": cfg.eval_split, "summary": summary, "rows": rows})
-    )
-    return summary
+    out.write_text(json.dumps({**record, "rows": rows}))
+    return record
+
+
+def eval_subset(cfg: Config, examples: list[dict]) -> list[dict]:
+    """The eval_subsample problems of mid-run evaluations: drawn with a fixed seed (0, not
+    cfg.seed), so every evaluation and every run on the same eval set uses the same problems."""
+    if not cfg.eval_subsample or cfg.eval_subsample >= len(examples):
+        return examples
+    keep = sorted(random.Random(0).sample(range(len(examples)), cfg.eval_subsample))
+    return [examples[i] for i in keep]
+
+
+def history_entry(record: dict) -> dict:
+    """One evaluation as summary.json's "eval" list and print_table keep it."""
+    keep = ("problems", "subsample", "ci95")
+    return {"step": record["step"], **record["summary"], **{k: record[k] for k in keep}}
 
 
 def _retry(fn: Callable, what: str, tries: int = 3):
@@ -917,14 +981,30 @@ def vllm_colocate_generate(llm, tokenizer) -> Generate:
     return generate
 
 
+def format_ci(value: float, ci: list[float] | None, sign: str = "") -> str:
+    """0.412 [0.380, 0.445]: a metric and its 95 % interval."""
+    text = f"{value:{sign}.3f}"
+    return text if ci is None else f"{text} [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
+
+
 def print_table(history: list[dict]) -> None:
+    """Evaluations, one line each, headline metrics with their 95 % intervals; the problems
+    column says whether the eval ran on the whole eval set (all) or the eval_subsample."""
     if not history:
         return
-    keys = [k for k in history[-1] if k != "step" and not k.startswith("reward/")]
-    print("\n" + "  ".join(["step".rjust(6)] + [k.rjust(max(8, len(k))) for k in keys]))
+    skip = ("step", "problems", "subsample", "ci95")
+    keys = [k for k in history[-1] if k not in skip and not k.startswith("reward/")]
+    table = [["step", "problems", *keys]]
     for h in history:
-        cells = [f"{h.get(k, float('nan')):.3f}".rjust(max(8, len(k))) for k in keys]
-        print("  ".join([str(h["step"]).rjust(6)] + cells))
+        cis = h.get("ci95", {})
+        where = "subsample" if h.get("subsample") else "all"
+        cells = [str(h["step"]), f"{h['problems']} {where}" if "problems" in h else ""]
+        cells += [format_ci(h[k], cis.get(k)) if k in h else "-" for k in keys]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print()
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     print(flush=True)
 
 
@@ -1091,13 +1171,16 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
 
 
 def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer, history: list):
-    """Baseline before step 1, every eval_every steps, and the final weights at the last step."""
+    """Baseline before step 1, every eval_every steps, and the final weights at the last step.
+    Baseline and final use every eval example; the ones between, the eval_subsample."""
     from transformers import TrainerCallback
+
+    subset = eval_subset(cfg, examples)
 
     class EvalCallback(TrainerCallback):
         trainer = None
 
-        def run(self, state, control, args) -> None:
+        def run(self, state, control, args, whole: bool = True) -> None:
             t = self.trainer
             if t.use_vllm and state.global_step != t._last_loaded_step:
                 # TRL pushes weights lazily before its next generation; evaluate what we claim.
@@ -1110,11 +1193,13 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
                     gen = vllm_colocate_generate(t.vllm_generation.llm, tokenizer)
                 else:
                     gen = hf_generate(t.accelerator.unwrap_model(t.model), tokenizer)
-                summary = evaluate(cfg, task, examples, gen, state.global_step)
-                history.append({"step": state.global_step, **summary})
+                ex = examples if whole else subset
+                record = evaluate(cfg, task, ex, gen, state.global_step, len(ex) < len(examples))
+                history.append(history_entry(record))
                 print_table(history[-1:])
                 # "eval_" is the prefix the wandb and tensorboard callbacks file under "eval/".
-                logs = {f"eval_{k}": v for k, v in summary.items()}
+                logs = {f"eval_{k}": v for k, v in record["summary"].items()}
+                logs["eval_problems"] = record["problems"]
                 # Straight to the report_to loggers; on_log clears should_log, which would drop
                 # this step's own training log, so keep it.
                 should_log = control.should_log
@@ -1129,7 +1214,7 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
         def on_step_end(self, args, state, control, **kw):
             last = state.global_step >= state.max_steps
             if last or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                self.run(state, control, args)
+                self.run(state, control, args, whole=last)
 
     return EvalCallback()
 
@@ -1262,8 +1347,7 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         if torch.cuda.is_available():
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
-    summary = evaluate(cfg, task, examples, gen, step=0)
-    history = [{"step": 0, **summary}]
+    history = [history_entry(evaluate(cfg, task, examples, gen, step=0))]
     print_table(history)
     plot_metrics(cfg.output_dir, [], history)
     (Path(cfg.output_dir) / "summary.json").write_text(json.dumps({"eval": history}, indent=1))
@@ -1330,8 +1414,14 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in args:  # reads finished runs, so it takes no Config
+        import compare
+
+        args.remove("--compare")
+        return compare.main(args)
     try:
-        cfg = resolve_config(argv)
+        cfg = resolve_config(args)
         task = TASKS[cfg.dataset]
         print_config(cfg)
         out = Path(cfg.output_dir)
