@@ -84,14 +84,9 @@ def intervals(ev: dict) -> dict[str, tuple[float, float]]:
 def paired(a: dict, b: dict) -> tuple[int, dict[str, tuple[float, tuple[float, float]]]]:
     """Shared problems, and {metric: (mean of b - a, its paired 95 % interval)}."""
     sa, sb = scores(a), scores(b)
+    shared = sorted({r["row"] for r in a["rows"]} & {r["row"] for r in b["rows"]})
     out = {}
-    shared: list[int] = []
-    for m in sa:
-        if m not in sb:
-            continue
-        shared = sorted(sa[m].keys() & sb[m].keys())
-        if not shared:
-            return 0, {}
+    for m in sa.keys() & sb.keys() if shared else ():
         diffs = [sb[m][r] - sa[m][r] for r in shared]
         out[m] = (sum(diffs) / len(diffs), T.bootstrap_ci(diffs))
     return len(shared), out
