@@ -281,7 +281,10 @@ PY=${VIRTUAL_ENV:-$ROOT/.venv}/bin/python
 [[ -x $PY ]] || PY=python3
 CHECK='
 import os, sys
-import train_trl_grpo as T
+try:
+    import train_trl_grpo as T
+except ImportError:
+    sys.exit(3)
 dataset, nextra = sys.argv[1], int(sys.argv[2])
 extra, runs = sys.argv[3 : 3 + nextra], sys.argv[3 + nextra :]
 base = dict(os.environ)
@@ -304,12 +307,12 @@ for i in "${!RUNS[@]}"; do
     done
     CHECK_RUNS+=("$spec")
 done
-if (cd "$ROOT" && "$PY" -c 'import dotenv' 2>/dev/null); then
-    if ! err=$(cd "$ROOT" && "$PY" -c "$CHECK" "$DATASET" "${#EXTRA_ARGS[@]}" "${EXTRA_ARGS[@]}" "${CHECK_RUNS[@]}" 2>&1); then
-        die "$(tail -n 1 <<<"$err")"
-    fi
-else
+rc=0
+err=$(cd "$ROOT" && "$PY" -c "$CHECK" "$DATASET" "${#EXTRA_ARGS[@]}" "${EXTRA_ARGS[@]}" "${CHECK_RUNS[@]}" 2>&1) || rc=$?
+if ((rc == 3 || rc == 127)); then
     log "no Python environment yet: each trainer checks its own config when it starts"
+elif ((rc)); then
+    die "$(tail -n 1 <<<"$err")"
 fi
 
 # ---------------------------------------------------------------- dry run
