@@ -9,36 +9,56 @@ Design
 ------
 * ``Sandbox`` starts long-lived *worker* processes (``python -I -S code_sandbox.py --worker``)
   with an empty environment. A worker pre-imports the common stdlib modules, isolates itself
-  once (network + mount namespace, dedicated unprivileged uid, Landlock, no_new_privs,
-  non-dumpable) and then forks one fresh child per program. Each child starts a new session,
-  points stdio at /dev/null, closes every other fd, sets rlimits and installs a seccomp filter
-  before running model code. The worker kills the child's process group at the deadline; the
-  parent replaces a worker that stops answering.
-* Results travel as bounded JSON over pipes, never pickle.
+  once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and then forks
+  one fresh child per program. As root, the worker becomes root of a user namespace that maps
+  just two host uids of its own, one for itself and one for its children; unprivileged, it and
+  its children share one uid. Each child starts a new session, switches to the children's uid
+  (losing every capability), points stdio at /dev/null, closes every other fd, sets rlimits
+  and installs a seccomp filter before running model code. The filter refuses process
+  creation, exec, ptrace, signals, non-Unix sockets, mounts, namespaces and SysV/POSIX IPC.
+* Every program gets a fresh, empty scratch directory in a base directory the child cannot
+  change (as root: owned by the worker's uid, mode 0711). Afterwards the worker removes it
+  whatever modes the child set; a worker that cannot restore an empty base retires and is
+  replaced.
+* The worker kills the child's process group at the deadline; the parent replaces a worker that
+  stops answering, and retries once, on a fresh worker, a program whose worker died under it.
+* Results travel as bounded JSON over pipes, never pickle. The parent's dispatch loop only
+  moves and frames bytes; reports are decoded and scored after every job of the batch is done,
+  so no report can make another program miss its deadline. Decoding is linear in the report's
+  size whatever the values: set elements and dict keys that share a hash more than
+  ``_MAX_SAME_HASH`` times (n**2 work to insert) are refused.
 * The child never judges itself (see "Trust" below): the parent compares values it decoded
-  from a strict type-tagged encoding against expected values it evaluated itself.
+  from a strict type-tagged encoding against expected values computed without model code.
 
 Trust
 -----
 Model code runs first inside the child, so everything in that process (the encoder, the
-report pipe, builtins) is under its control: it can write anything to the report pipe. The
-protocol is built so that this buys nothing beyond hard-coding answers:
+report pipe, builtins, the test's globals) is under its control: it can write anything to the
+report pipe. The protocol is built so that this buys nothing beyond hard-coding answers:
 
-* A test ``assert CALL == EXPECTED`` is split with ``ast``. ``EXPECTED`` is evaluated in the
-  parent when it is a literal (or a small whitelisted constructor expression such as
-  ``set([1, 2])``), so the expected value never enters the child. The child only reports the
-  *value* of ``CALL``. A forged record is therefore just a claim "CALL returned X", which the
-  model could equally produce by returning X; it cannot say "passed".
+* Each test is split with ``ast``. An operand that references none of the solution's names
+  (literals, builtins, comprehensions over them, stdlib modules, names bound by the dataset's
+  setup code, the right side of ``is``) never runs in the child: it is evaluated in the parent
+  when it is a literal (or a small whitelisted constructor expression such as ``set([1, 2])``),
+  else in a *clean* child that runs only the needed stdlib imports, the setup code and the
+  expression, and never ran model code (its values are cached per setup and expression).
+  Only operands that reference the solution's names are evaluated in the child, after the
+  solution ran. A forged record is therefore just a claim "CALL returned X", which the model
+  could equally produce by returning X; it cannot say "passed".
 * Values are encoded only if their type is exactly int/float/complex/str/bytes/bool/None/
   list/tuple/dict/set/frozenset (recursively); an int subclass or an always-equal object
   cannot be encoded, so the test fails. Comparison happens on the decoded plain objects in the
-  parent, whose ``__eq__`` the model does not control.
-* Other assert shapes are split the same way at their top-level operator (``<``, ``in``,
-  ``not``, ``and``/``or``, ``math.isclose``) or, for ``assert EXPR``, by the truthiness of
-  the decoded value. Only operands that reference names defined by the solution are
-  evaluated in the child after the solution ran (weaker: the model could have patched what
-  they call), and only statements that are not a single ``assert`` are executed in the child
-  with a bare pass/fail verdict (weakest; MBPP has none).
+  parent, whose ``__eq__`` the model does not control. ``==`` is Python's ``==`` (floats too);
+  a tolerance applies only where the test states one (``math.isclose``, ``round``, ...).
+* ``assert A op B`` is split at its top-level operator (``==``, ``<``, ``in``, ``is``...),
+  ``not``, ``and``/``or`` and ``math.isclose``; ``assert EXPR`` by the truthiness of the decoded
+  value. A test of several simple statements (assignments, expressions, imports, asserts) is
+  split the same way; names its statements bind count as solution values.
+* Weaker, in-child verdicts remain for: ``is``/``is not`` whose right side is not None, True or
+  False (identity does not survive the trip out of the child), tests with compound statements
+  (``for``/``if``/``with``/``def``/``try``), and non-solution operands whose clean evaluation
+  fails or is not encodable (e.g. setup code that uses the solution's classes); those operands
+  are evaluated in the child after the solution. No bundled MBPP test takes these paths.
 * Duplicate, malformed or unknown records void the whole program (status "error").
 * ``Result.detail`` is built by the parent from fixed strings and a whitelist of builtin
   exception names, so nothing the child writes (say, a secret it found) reaches logs.
@@ -1378,6 +1398,7 @@ class _WorkerState:
         self.null_fd = -1
         self.serial = 0
         self.child_ids: tuple[int, int] | None = None  # (uid, gid) a child switches to
+        self.shared_tmp: list[str] = []  # private tmpfs dirs the child may write to as well
         self.setup(config)
 
     def setup(self, config: dict) -> None:
@@ -1424,6 +1445,8 @@ class _WorkerState:
         if self.layers["mntns"]:
             self.base = "/tmp/sandbox"
             os.mkdir(self.base, 0o700)
+            if not root:  # mode 1777 there: emptied after every program like the scratch dir
+                self.shared_tmp = ["/tmp", "/dev/shm"]
         else:
             import tempfile
 
@@ -1689,6 +1712,10 @@ class _WorkerState:
             os.close(pidfd)
         try:
             self.remove(scratch)
+            for d in self.shared_tmp:
+                for entry in os.scandir(d):
+                    if entry.path != self.base:
+                        self.remove(entry.path)
             retire = bool(os.listdir(self.base))
         except Exception:  # e.g. a tree too deep to remove: a fresh worker gets a fresh base
             retire = True

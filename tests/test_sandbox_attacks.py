@@ -10,6 +10,8 @@ import ctypes
 import json
 import os
 import random
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -390,3 +392,58 @@ def test_hostile_programs_mixed_into_512_gold_programs():
     assert not any(r.status == "passed" for r in hostile_results), hostile_results
     assert not any(host_ipc().values()), host_ipc()
     assert not host_mq_exists()
+
+
+CAPS = (
+    "import ctypes, os\ndef caps():\n"
+    "    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)\n    data = (ctypes.c_uint32 * 6)()\n"
+    "    assert ctypes.CDLL(None).capget(hdr, data) == 0\n    return list(data)\n"
+    "def ids():\n    return [os.getuid(), os.stat('..').st_uid]"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the separate child uid needs root")
+def test_child_has_no_capabilities_and_not_the_workers_uid(box):
+    r = box.run([Program(CAPS, ["assert caps() == [0] * 6", "assert ids()[0] != ids()[1]"])])
+    assert r == [Result(2, 2, "passed", "")]
+
+
+UNPRIVILEGED = """
+import json, sys
+sys.path.insert(0, {root!r})
+from code_sandbox import Program, Sandbox
+good = Program("def f(x):\\n    return x + 1", ["assert f(1) == 2"])
+progs = [Program(c, t) for c, t in {cases!r}]
+out = []
+with Sandbox(workers=1, timeout=1.0) as box:
+    for p in progs:
+        out.append([[r.passed, r.status] for r in box.run([p, good])])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="root + setpriv")
+def test_attacks_as_an_unprivileged_user():
+    cases = [(c, ["assert f(1) == 2"]) for c in SINKERS.values()]
+    cases += [(LEAVE_FILE, ["assert f(1) == 2"]), (FIND_FILE, [f"assert leak() == {TOKEN!r}"])]
+    cases += [(IPC_WRITER, ["assert attack()"]), (IPC_READER, [f"assert read() == {TOKEN!r}"])]
+    for d in ("/tmp", "/dev/shm"):  # writable there without Landlock: emptied after each program
+        cases.append((f"open('{d}/{TOKEN}', 'w').write('x')", ["assert f(1) == 2"]))
+        cases.append((f"def f(x):\n    return open('{d}/{TOKEN}').read()", ["assert f(1) == 'x'"]))
+    root = str(Path(__file__).resolve().parents[1])
+    script = UNPRIVILEGED.format(root=root, cases=cases)
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    cmd += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        cwd="/",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for (hostile, good), (code, _) in zip(json.loads(proc.stdout), cases, strict=True):
+        assert hostile[0] == 0, code
+        assert good == [1, "passed"], code
+    assert not any(host_ipc().values()), host_ipc()
