@@ -53,7 +53,9 @@ report pipe. The protocol is built so that this buys nothing beyond hard-coding 
 * ``assert A op B`` is split at its top-level operator (``==``, ``<``, ``in``, ``is``...),
   ``not``, ``and``/``or`` and ``math.isclose``; ``assert EXPR`` by the truthiness of the decoded
   value. A test of several simple statements (assignments, expressions, imports, asserts) is
-  split the same way; names its statements bind count as solution values.
+  split the same way; names its statements bind count as solution values. A test none of
+  whose operands names the solution (a task "write max()", shadowing a builtin) is read as
+  Python reads it: everything but literals is evaluated in the child.
 * Weaker, in-child verdicts remain for: ``is``/``is not`` whose right side is not None, True or
   False (identity does not survive the trip out of the child), tests with compound statements
   (``for``/``if``/``with``/``def``/``try``), and non-solution operands whose clean evaluation
@@ -400,14 +402,17 @@ class _Planner:
     value from `clean(source, modules)`, which the parent computed in a child that never ran
     model code; only operands that reference the solution's names become child probes."""
 
-    def __init__(self, setup_names: frozenset[str], clean: _Clean) -> None:
+    def __init__(self, setup_names: frozenset[str], clean: _Clean, literal_only: bool) -> None:
         self.steps: list[_Step] = []
         self.setup_names = setup_names
         self.clean = clean
+        self.literal_only = literal_only
         self.bound: set[str] = set()  # names the test's own statements bind: child values
 
     def known(self, node: ast.expr) -> object:
         """The value of an operand that does not depend on the solution, else _FAIL."""
+        if self.literal_only and any(isinstance(n, ast.Name) for n in ast.walk(node)):
+            return _FAIL
         try:
             return _const(node)
         except (_NotConst, ArithmeticError, RecursionError, ValueError, TypeError, MemoryError):
@@ -544,8 +549,10 @@ class _Planner:
         return check
 
 
-def _plan_test(test: str, setup: str, clean: _Clean) -> tuple[tuple[_Step, ...], _Check]:
-    planner = _Planner(_setup_names(setup), clean)
+def _plan_test(
+    test: str, setup: str, clean: _Clean, literal_only: bool = False
+) -> tuple[tuple[_Step, ...], _Check]:
+    planner = _Planner(_setup_names(setup), clean, literal_only)
     try:
         body = ast.parse(test).body
         if body and all(isinstance(s, _SPLIT_STMTS) for s in body):
@@ -564,6 +571,11 @@ def _plan_test(test: str, setup: str, clean: _Clean) -> tuple[tuple[_Step, ...],
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         planner.steps = []
         check = lambda vals: False  # noqa: E731
+    if planner.steps and not literal_only and all(k == "k" for k, _ in planner.steps):
+        # Nothing in the test names the solution, unless the solution is meant to shadow a
+        # builtin or stdlib name (a task "write max()"): then Python's own reading, with the
+        # solution's names, is the only one that tests anything. Only literals stay outside.
+        return _plan_test(test, setup, clean, literal_only=True)
     return tuple(planner.steps), check
 
 

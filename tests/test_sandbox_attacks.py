@@ -447,3 +447,12 @@ def test_attacks_as_an_unprivileged_user():
         assert hostile[0] == 0, code
         assert good == [1, "passed"], code
     assert not any(host_ipc().values()), host_ipc()
+
+
+def test_a_task_that_shadows_a_builtin_is_still_tested(box):
+    # "Write max()": the test names no solution-only name, yet it tests the solution's max.
+    tests = ["assert max([1, 5, 2]) == 5", "assert max([-1, -3]) == -1"]
+    right = "def max(xs):\n    return sorted(xs)[-1]"
+    wrong = "def max(xs):\n    return 0"
+    got = box.run([Program(right, tests), Program(wrong, tests)])
+    assert [r.passed for r in got] == [2, 0], got
