@@ -879,6 +879,7 @@ class Sandbox:
         unsafe: bool = False,
         *,
         _seccomp_backend: str = "auto",
+        _user_namespace: bool = True,
     ) -> None:
         if workers is None:
             try:
@@ -890,6 +891,7 @@ class Sandbox:
         self.memory_mb = int(memory_mb)
         self.unsafe = bool(unsafe)
         self._backend = _seccomp_backend
+        self._userns = _user_namespace  # False: test the fallback where root has none
         self._lock = _thread.allocate_lock()
         self._serial = 0
         self._pool: list[_Worker] = []
@@ -921,6 +923,7 @@ class Sandbox:
                 "serial": self._serial,
                 "parent": os.getpid(),
                 "seccomp": self._backend,
+                "userns": self._userns,
             }
         )
 
@@ -1433,7 +1436,7 @@ class _WorkerState:
             + ((int(config["serial"]) & 63) << 1)
         )
         newns, newnet, newuser, newipc = 0x00020000, 0x40000000, 0x10000000, 0x08000000
-        helper = self.id_map_helper(uid) if linux and root else None
+        helper = self.id_map_helper(uid) if linux and root and config.get("userns") else None
         if linux:
             # Unprivileged, a user namespace makes the other namespaces possible.
             first = newnet | newns if root else newuser | newnet | newns
@@ -1499,7 +1502,8 @@ class _WorkerState:
                     self.child_ids = (1, 1)
                     self.base_mode = 0o711  # the child may traverse it, never change it
                     self.info["uid"] = uid + 1
-                else:
+                    self.layers["uid"] = True
+                else:  # no user namespace: worker and children share one unprivileged uid
                     try:
                         os.setgroups([])
                         os.setresgid(uid, uid, uid)
@@ -1507,8 +1511,8 @@ class _WorkerState:
                     except OSError:
                         sys.exit("cannot drop privileges")
                     self.info["uid"] = uid
+                    self.layers["uid"] = os.getuid() == uid and os.geteuid() == uid
                 self.info["worker_uid"] = uid
-                self.layers["uid"] = os.getuid() in (0, uid) and os.geteuid() in (0, uid)
                 os.chmod(self.base, self.base_mode)
             else:
                 try:

@@ -456,3 +456,16 @@ def test_a_task_that_shadows_a_builtin_is_still_tested(box):
     wrong = "def max(xs):\n    return 0"
     got = box.run([Program(right, tests), Program(wrong, tests)])
     assert [r.passed for r in got] == [2, 0], got
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root without a user namespace")
+def test_attacks_as_root_without_a_user_namespace():
+    # Worker and children then share one uid: the worker repairs the base and removes what the
+    # child left, whatever modes it set.
+    cases = [Program(c, ["assert f(1) == 2"]) for c in SINKERS.values()]
+    cases += [Program(LEAVE_FILE, ["assert f(1) == 2"]), Program(FIND_FILE, ["assert leak()"])]
+    with Sandbox(workers=1, timeout=1.0, _user_namespace=False) as b:
+        assert b.layers["uid"] and b._info["uid"] == b._info["worker_uid"]
+        for prog in cases:
+            hostile, good = b.run([prog, GOOD])
+            assert hostile.passed == 0 and good.status == "passed", (prog.code, hostile, good)
