@@ -64,7 +64,9 @@ if name != "trl" and port:
     keys = ("WANDB_RUN_GROUP", "GRPO_RUN_NAME", "GRPO_OUTPUT_DIR", "GRPO_LR", "GRPO_BETA")
     env = {k: os.environ.get(k) for k in keys}
     info = {"pid": os.getpid(), "time": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    (run_dir / "wrapper.json").write_text(json.dumps({**info, "env": env, "argv": args}))
+    tmp = run_dir / "wrapper.json.tmp"  # replaced in one step: a reader never sees half of it
+    tmp.write_text(json.dumps({**info, "env": env, "argv": args}))
+    os.replace(tmp, run_dir / "wrapper.json")
     run_name = os.environ.get("GRPO_RUN_NAME", "")
     if run_name in os.environ.get("STUB_FAIL_RUNS", "").split(","):
         os.environ.update(STUB_TRAIN_EXIT="5", STUB_TRAIN_SLEEP="0")
@@ -171,7 +173,7 @@ class Sweep:
             )
         return self
 
-    def finish(self, timeout: float = 90) -> tuple[int, str, str]:
+    def finish(self, timeout: float = 180) -> tuple[int, str, str]:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -180,7 +182,7 @@ class Sweep:
             raise AssertionError(f"sweep did not exit within {timeout}s:\n{self.stderr}") from None
         return self.proc.returncode, self.out.read_text(), self.stderr
 
-    def run(self, *args: str, timeout: float = 90) -> tuple[int, str, str]:
+    def run(self, *args: str, timeout: float = 180) -> tuple[int, str, str]:
         return self.start(*args).finish(timeout)
 
     @property
@@ -344,7 +346,7 @@ def test_shellcheck_clean():
 # ---------------------------------------------------------------- real runs with stand-ins
 def test_four_runs_side_by_side_then_one_table(make_sweep):
     sweep = make_sweep(4).start("gsm8k", LRS)
-    wait_for(lambda: all(sweep.started(i) for i in range(4)), 60, "all four trainers")
+    wait_for(lambda: all(sweep.started(i) for i in range(4)), 120, "all four trainers")
     sweep.open_gate()
     rc, out, err = sweep.finish()
     assert rc == 0, err
@@ -375,7 +377,7 @@ def test_four_runs_side_by_side_then_one_table(make_sweep):
 def test_six_runs_on_eight_gpus_queue_the_last_two(make_sweep):
     sweep = make_sweep(6).start("gsm8k", "lr=1e-6,3e-6,1e-5 beta=0.0,0.04")
     # 3 x 2 = 6 runs; 4 slots: the first four start, the last two wait while the gate is shut.
-    wait_for(lambda: all(sweep.started(i) for i in range(4)), 60, "the first four trainers")
+    wait_for(lambda: all(sweep.started(i) for i in range(4)), 120, "the first four trainers")
     wait_for(lambda: "queued" in sweep.stderr, 10, "the sweep to report its queue")
     assert not (sweep.root / str(sweep.ports[4])).exists()
     assert not (sweep.root / str(sweep.ports[5])).exists()
@@ -410,7 +412,7 @@ def test_a_failing_run_leaves_the_others_running(make_sweep):
 
 def test_sigint_stops_every_run_and_starts_no_queued_one(make_sweep):
     sweep = make_sweep(6).start("gsm8k", "lr=1e-6,3e-6,1e-5,3e-5,1e-4,3e-4")
-    wait_for(lambda: all(sweep.started(i) for i in range(4)), 60, "the first four trainers")
+    wait_for(lambda: all(sweep.started(i) for i in range(4)), 120, "the first four trainers")
     os.killpg(sweep.proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground group
     rc, out, err = sweep.finish(timeout=60)
     assert rc == 130, err
