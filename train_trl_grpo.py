@@ -13,7 +13,8 @@ Read it top to bottom; it follows the pipeline:
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
     6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
-    7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold
+    7. Main            - start-up checks, then the modes: train, --smoke, --dry-run, --eval-only,
+                         --score, --verify-gold, --plot
 """
 
 from __future__ import annotations
@@ -586,10 +587,10 @@ def check_hub(cfg: Config) -> None:
     """With the Hub unreachable, go offline at once (the local cache only) instead of letting
     huggingface_hub retry for minutes, and fail in one line if the model is not cached. Runs before
     transformers and datasets are imported: they read HF_HUB_OFFLINE at import."""
-    model = not (cfg.score or cfg.verify_gold or cfg.model_id == SMOKE_MODEL)
-    model = model and not Path(cfg.model_id).is_dir()
+    hub_model = not (cfg.score or cfg.verify_gold or cfg.model_id == SMOKE_MODEL)
+    hub_model = hub_model and not Path(cfg.model_id).is_dir()
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    if not (model or not cfg.data_dir) or offline.upper() in ("1", "ON", "YES", "TRUE"):
+    if offline.upper() in ("1", "ON", "YES", "TRUE") or not (hub_model or not cfg.data_dir):
         return
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     if hub_reachable(endpoint):
@@ -599,7 +600,7 @@ def check_hub(cfg: Config) -> None:
         if name in sys.modules:
             sys.modules[name].HF_HUB_OFFLINE = True
     print(f"the Hugging Face Hub ({endpoint}) is unreachable: local cache only (HF_HUB_OFFLINE=1)")
-    if model:
+    if hub_model:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(cfg.model_id, "config.json"), str):
