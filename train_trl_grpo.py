@@ -13,8 +13,9 @@ Read it top to bottom; it follows the pipeline:
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
     6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
-    7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold,
-                         --compare (runs side by side, in compare.py)
+    7. Main            - start-up checks, then the modes: train, --smoke, --dry-run, --eval-only,
+                         --score, --verify-gold, --plot, --compare (runs side by side, in
+                         compare.py)
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import math
 import os
 import random
 import re
+import socket
 import sys
+import threading
 import time
 import typing
 import urllib.error
@@ -99,7 +102,7 @@ class Config:
     # --- evaluation ---
     eval_every: int = 20  # steps; baseline and final evaluations always run; 0 = only those two
     eval_samples: int = 10  # n completions per problem; 0 = no evaluation at all
-    eval_ks: str = "1,5,10"  # pass@k for these k (each <= eval_samples)
+    eval_ks: str = ""  # pass@k for these k (each <= eval_samples); "" = 1, 2, 4, ... and n itself
     eval_greedy: bool = False  # also report greedy pass@1
     eval_temperature: float | None = None  # None = training's temperature
     eval_top_p: float | None = None  # None = training's top_p
@@ -117,6 +120,7 @@ class Config:
     eval_only: bool = False  # evaluate model_id on the eval split, no training
     score: str = ""  # JSONL of {"row", "completion"}: grade them with the training rewards
     verify_gold: bool = False  # grade every gold solution; exit 1 if any fails
+    plot: str = ""  # OUTPUT_DIR: redraw its metrics.png from its log.jsonl, then exit
 
 
 # What --smoke changes, unless the field is set explicitly on the CLI or in the environment.
@@ -135,7 +139,6 @@ SMOKE = dict(
     max_eval_samples=8,
     eval_every=2,
     eval_samples=4,
-    eval_ks="1,2,4",
     save_steps=2,
     report_to="none",
     grader_workers=1,
@@ -236,6 +239,11 @@ def resolve_config(argv: list[str] | None = None) -> Config:
         cfg.output_dir = f"outputs/{cfg.run_name}"
     if not cfg.eval_split:
         cfg.eval_split = TASKS[cfg.dataset].eval_split if cfg.dataset in TASKS else ""
+    if not cfg.eval_ks.strip():
+        # Powers of two up to n, and n: 10 -> 1,2,4,8,10. With evaluation off, n is the GRPO group
+        # size, over which every step logs train/pass@k.
+        n = cfg.eval_samples or cfg.num_generations
+        cfg.eval_ks = ",".join(str(k) for k in sorted({2**i for i in range(n.bit_length())} | {n}))
     validate(cfg)
     return cfg
 
@@ -291,6 +299,39 @@ def eval_ks(cfg: Config) -> list[int]:
         raise ConfigError(
             f"eval_ks: cannot parse {cfg.eval_ks!r} as comma-separated ints"
         ) from None
+
+
+# huggingface_hub's repo id rules: [owner/]name, word characters, "-" and ".", at most 96 each,
+# starting and ending with a word character, no "--" or "..".
+HUB_ID = re.compile(r"(?:\w(?:[\w.-]{0,94}\w)?/)?\w(?:[\w.-]{0,94}\w)?")
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.fullmatch(name)) and ".." not in name and "--" not in name
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N directory, as transformers' get_last_checkpoint, sans its import."""
+    steps = [
+        int(p.name[len("checkpoint-") :])
+        for p in Path(output_dir).glob("checkpoint-*")
+        if p.is_dir() and p.name[len("checkpoint-") :].isdigit()
+    ]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def check_paths(cfg: Config) -> None:
+    """Paths that cannot be found fail here, in one line, before seconds of heavy imports."""
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise DataError(f"data_dir: no such directory: {cfg.data_dir}")
+    if not (cfg.model_id == SMOKE_MODEL or Path(cfg.model_id).is_dir() or is_hub_id(cfg.model_id)):
+        raise DataError(
+            f"model_id: {cfg.model_id!r} is neither a local directory nor a Hub id (owner/name)"
+        )
+    if cfg.score and not Path(cfg.score).is_file():
+        raise DataError(f"score: no such file: {cfg.score}")
+    if cfg.resume and last_checkpoint(cfg.output_dir) is None:
+        raise ConfigError(f"resume: no checkpoint-* directory in {cfg.output_dir}")
 
 
 def config_dict(cfg: Config) -> dict:
@@ -523,6 +564,55 @@ def gold_of(task: Task, rows: list[dict], i: int) -> str:
         return task.gold(rows[i])
     except (ValueError, KeyError) as e:
         raise DataError(f"{task.name}: row {i}: no gold answer ({e})") from None
+
+
+def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether the Hub answers anything within `timeout` s, name lookup included (urllib honours
+    the same proxy variables as huggingface_hub)."""
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+        except urllib.error.HTTPError:
+            pass  # an HTTP error is still an answer
+        except (OSError, ValueError):
+            return
+        answered.set()
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck DNS lookup has no timeout
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()
+
+
+def check_hub(cfg: Config) -> None:
+    """With the Hub unreachable, go offline at once (the local cache only) instead of letting
+    huggingface_hub retry for minutes, and fail in one line if the model is not cached. Runs before
+    transformers and datasets are imported: they read HF_HUB_OFFLINE at import."""
+    hub_model = not (cfg.score or cfg.verify_gold or cfg.model_id == SMOKE_MODEL)
+    hub_model = hub_model and not Path(cfg.model_id).is_dir()
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if offline.upper() in ("1", "ON", "YES", "TRUE") or not (hub_model or not cfg.data_dir):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if hub_reachable(endpoint):
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for name in ("huggingface_hub.constants", "datasets.config"):  # already imported (a notebook)
+        if name in sys.modules:
+            sys.modules[name].HF_HUB_OFFLINE = True
+    print(f"the Hugging Face Hub ({endpoint}) is unreachable: local cache only (HF_HUB_OFFLINE=1)")
+    if hub_model:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(cfg.model_id, "config.json"), str):
+            data = "" if cfg.data_dir else " and local data with --data-dir DIR"
+            raise DataError(
+                f"model {cfg.model_id!r} is not in the local cache and the Hugging Face Hub "
+                f"({endpoint}) is unreachable: pass a local model directory with --model-id DIR"
+                + data
+            )
 
 
 def load_tokenizer(cfg: Config):
@@ -1008,6 +1098,39 @@ def print_table(history: list[dict]) -> None:
     print(flush=True)
 
 
+def append_log(output_dir: str, record: dict) -> None:
+    """One line of output_dir/log.jsonl, written at once: a run that dies keeps its log (TRL's log
+    history reaches disk only with a checkpoint)."""
+    with open(Path(output_dir) / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_log(output_dir: str) -> tuple[list[dict], list[dict]]:
+    """log.jsonl -> (training log history, evaluations), as plot_metrics takes them.
+
+    A resumed run starts again at its checkpoint's step, so what an earlier run logged after that
+    step is dropped; a last line cut short by a kill is skipped.
+    """
+    records: list[dict] = []
+    for line in (Path(output_dir) / "log.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "train_begin":
+            records = [r for r in records if r["step"] <= rec["step"]]
+        else:
+            records.append(rec)
+    is_eval = [any(k.startswith("eval_") for k in r) for r in records]
+    history = [r for r, e in zip(records, is_eval, strict=True) if not e]
+    evals = [
+        {"step": r["step"], **{k[len("eval_") :]: v for k, v in r.items() if k != "step"}}
+        for r, e in zip(records, is_eval, strict=True)
+        if e
+    ]
+    return history, evals
+
+
 def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
     """A PNG of training reward and eval metrics over steps."""
     import matplotlib
@@ -1092,10 +1215,25 @@ def server_url(cfg: Config) -> str:
     return f"http://{cfg.vllm_host}:{cfg.vllm_port}"
 
 
-def check_vllm_server(cfg: Config) -> None:
-    """One line naming host:port when no vLLM server answers, or it serves another model."""
+def check_vllm_server(cfg: Config, connect_tries: int = 3) -> None:
+    """Nothing listening at host:port fails within seconds: ./run_algo.sh starts the trainer only
+    once its server is healthy, so no server is on its way. A server that listens but is not healthy
+    yet is waited for, up to vllm_server_timeout. One serving another model is refused."""
+    where = f"{cfg.vllm_host}:{cfg.vllm_port}"
+    for attempt in range(1, connect_tries + 1):
+        try:
+            socket.create_connection((cfg.vllm_host, cfg.vllm_port), timeout=2).close()
+            break
+        except OSError as e:
+            if attempt == connect_tries:
+                raise ConfigError(
+                    f"no vLLM server: nothing listens at {where} ({e.strerror or e}); start one "
+                    f"with ./run_algo.sh {cfg.dataset} (or `trl vllm-serve --model {cfg.model_id} "
+                    f"--port {cfg.vllm_port}`), or use --vllm-mode none (no GPU) / colocate"
+                ) from None
+            time.sleep(1)
     base = server_url(cfg)
-    deadline = time.monotonic() + cfg.vllm_server_timeout
+    deadline, waiting = time.monotonic() + cfg.vllm_server_timeout, False
     while True:
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
@@ -1105,10 +1243,14 @@ def check_vllm_server(cfg: Config) -> None:
             pass
         if time.monotonic() >= deadline:
             raise ConfigError(
-                f"no vLLM server answered at {cfg.vllm_host}:{cfg.vllm_port} within "
-                f"{cfg.vllm_server_timeout:.0f} s; start one with ./run_algo.sh {cfg.dataset} "
-                f"(or `trl vllm-serve --model {cfg.model_id} --port {cfg.vllm_port}`), "
-                "or use --vllm-mode colocate / none"
+                f"the vLLM server at {where} is not healthy after "
+                f"{cfg.vllm_server_timeout:.0f} s (its /health never answered 200); see its log"
+            )
+        if not waiting:
+            waiting = True
+            print(
+                f"waiting up to {cfg.vllm_server_timeout:.0f} s for {where} to be healthy",
+                flush=True,
             )
         time.sleep(2)
     try:
@@ -1168,6 +1310,22 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
         log_completions=False,
         disable_tqdm=False,
     )
+
+
+def make_log_callback(cfg: Config):
+    """Every log (training steps, and evaluations through on_log) appended to log.jsonl."""
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:  # marks where a resumed run picks up (read_log)
+                append_log(cfg.output_dir, {"event": "train_begin", "step": state.global_step})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                append_log(cfg.output_dir, {**logs, "step": state.global_step})
+
+    return LogCallback()
 
 
 def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer, history: list):
@@ -1329,7 +1487,6 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
     if cfg.vllm_mode == "server":
-        check_vllm_server(cfg)
         gen = vllm_server_generate(server_url(cfg), cfg.model_id)
     elif cfg.vllm_mode == "colocate":
         from vllm import LLM
@@ -1347,7 +1504,10 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         if torch.cuda.is_available():
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
-    history = [history_entry(evaluate(cfg, task, examples, gen, step=0))]
+    record = evaluate(cfg, task, examples, gen, step=0)
+    logs = {f"eval_{k}": v for k, v in record["summary"].items()}
+    append_log(cfg.output_dir, {"step": 0, **logs, "eval_problems": record["problems"]})
+    history = [history_entry(record)]
     print_table(history)
     plot_metrics(cfg.output_dir, [], history)
     (Path(cfg.output_dir) / "summary.json").write_text(json.dumps({"eval": history}, indent=1))
@@ -1361,25 +1521,18 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
         raise ConfigError(
             f"vllm_mode={cfg.vllm_mode} needs a CUDA GPU; use --vllm-mode none on CPU"
         )
-    if cfg.vllm_mode == "server":
-        check_vllm_server(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.vllm_mode == "none" and cfg.eval_samples:
         # Sharded weights (ZeRO-3) would need every rank inside generate(); evaluation runs on one.
         raise ConfigError(
             "evaluation with several processes needs --vllm-mode server or colocate "
             "(or --eval-samples 0)"
         )
-    resume_from = None
-    if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if resume_from is None:
-            raise ConfigError(f"resume: no checkpoint-* directory in {cfg.output_dir}")
+    resume_from = last_checkpoint(cfg.output_dir) if cfg.resume else None  # check_paths: exists
+    if resume_from:
         print(f"resuming from {resume_from}", flush=True)
     model = load_model(cfg, tokenizer)
     history: list[dict] = []
-    callbacks = []
+    callbacks = [make_log_callback(cfg)]  # first, so the baseline evaluation follows train_begin
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
     funcs = make_reward_funcs(cfg, task)
@@ -1413,6 +1566,13 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     return 0
 
 
+def run_plot(output_dir: str) -> int:
+    if not (Path(output_dir) / "log.jsonl").is_file():
+        raise DataError(f"plot: no log.jsonl in {output_dir}")
+    print(f"wrote {plot_metrics(output_dir, *read_log(output_dir))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--compare" in args:  # reads finished runs, so it takes no Config
@@ -1422,7 +1582,11 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(args)
     try:
         cfg = resolve_config(args)
+        if cfg.plot:
+            return run_plot(cfg.plot)
         task = TASKS[cfg.dataset]
+        # Start-up checks, cheapest and most likely first: each fails in one line within seconds.
+        check_paths(cfg)
         print_config(cfg)
         out = Path(cfg.output_dir)
         if not (cfg.score or cfg.verify_gold):
@@ -1430,6 +1594,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
         if task.kind == "code" and not cfg.dry_run:
             get_sandbox(cfg)  # says which isolation layers it got, or refuses, before any work
+        if cfg.vllm_mode == "server" and not (cfg.dry_run or cfg.score or cfg.verify_gold):
+            check_vllm_server(cfg)
+        check_hub(cfg)  # before transformers and datasets are imported
         if cfg.verify_gold:
             return run_verify_gold(cfg, task)
         if cfg.score:  # grades against golds only: no tokenizer, so it works offline
