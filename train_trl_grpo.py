@@ -608,8 +608,14 @@ def log_group_pass_at_k(cfg: Config, scores: list[float], rows: list[int], log_m
             log_metric(f"pass@{k}", sum(vals) / len(vals))
 
 
-def make_reward_funcs(cfg: Config, task: Task) -> list[Callable]:
-    """[correctness, format]; their weights go to GRPOConfig.reward_weights."""
+def make_reward_funcs(
+    cfg: Config, task: Task, stop_ids: set[int] | frozenset[int] = frozenset()
+) -> list[Callable]:
+    """[correctness, format]; their weights go to GRPOConfig.reward_weights.
+
+    `stop_ids` are the token ids generation stops on (eos, pad): a completion that used all
+    max_completion_length tokens ended on its own only if its last id is one of them.
+    """
 
     def correctness(
         completions: list[str], gold: list[str], row=None, log_metric=None, **_
@@ -640,10 +646,32 @@ def make_reward_funcs(cfg: Config, task: Task) -> list[Callable]:
             log_group_pass_at_k(cfg, scores, list(row), log_metric)
         return scores
 
-    def format(completions: list[str], **_) -> list[float]:  # noqa: A001 - TRL logs it as "format"
+    def ended(completions: list[str], completion_ids, truncated) -> list[bool]:
+        if truncated is not None:  # evaluation: the backend said so
+            return [not t for t in truncated]
+        if completion_ids is not None:  # training: TRL's own rule (last id is not eos or pad)
+            return [
+                len(ids) < cfg.max_completion_length or (bool(ids) and ids[-1] in stop_ids)
+                for ids in completion_ids
+            ]
+        return [True] * len(completions)  # --score: the user's text is the whole completion
+
+    def format(  # noqa: A001 - TRL logs it as "format"
+        completions: list[str], completion_ids=None, truncated=None, **_
+    ) -> list[float]:
+        # One real final answer in a completion that ended. A bare shape check was gamed within
+        # 8 steps by SmolLM2 (`\boxed{}\boxed{}...`, boxes in truncated text); a 0/1 score per
+        # completion means any number of answers earns at most one.
         if task.kind == "math":
-            return [1.0 if math_grader().last_boxed(c) is not None else 0.0 for c in completions]
-        return [1.0 if len(CODE_BLOCK.findall(c)) == 1 else 0.0 for c in completions]
+            mg = math_grader()
+            ok = [(mg.last_boxed(c) or "").strip() != "" for c in completions]
+        else:
+            ok = [
+                len(blocks) == 1 and blocks[0].strip() != ""
+                for blocks in (CODE_BLOCK.findall(c) for c in completions)
+            ]
+        done = ended(completions, completion_ids, truncated)
+        return [1.0 if a and b else 0.0 for a, b in zip(ok, done, strict=True)]
 
     return [correctness, format]
 
@@ -652,10 +680,16 @@ def reward_weights(cfg: Config) -> list[float]:
     return [cfg.correctness_weight, cfg.format_weight]
 
 
-def score_completions(cfg: Config, task: Task, completions: list[str], golds: list[str]) -> dict:
+def score_completions(
+    cfg: Config,
+    task: Task,
+    completions: list[str],
+    golds: list[str],
+    truncated: list[bool] | None = None,
+) -> dict:
     """Every reward component for a batch, exactly as the trainer computes them."""
     funcs = make_reward_funcs(cfg, task)
-    per = {f.__name__: f(completions=completions, gold=golds) for f in funcs}
+    per = {f.__name__: f(completions=completions, gold=golds, truncated=truncated) for f in funcs}
     weights = reward_weights(cfg)
     total = [
         sum(w * per[f.__name__][i] for w, f in zip(weights, funcs, strict=True))
@@ -732,7 +766,8 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
         raise EvalError("the generation backend returned the wrong number of completions")
     flat = [s.text for group in samples for s in group]
     golds = [e["gold"] for e in examples for _ in range(cfg.eval_samples)]
-    scored = score_completions(cfg, task, flat, golds)
+    truncated = [s.truncated for group in samples for s in group]
+    scored = score_completions(cfg, task, flat, golds, truncated)
     answers: list[str | None] = [None] * len(flat)
     if task.kind == "math":  # normalized, so "18", "18.00" and "$18" are one vote
         mg = math_grader()
@@ -743,7 +778,13 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
         g = generate(prompts, 1, {**sampling_params(cfg), "temperature": 0.0})
         if len(g) != len(prompts) or any(len(s) != 1 for s in g):
             raise EvalError("the generation backend returned the wrong number of greedy samples")
-        greedy = score_completions(cfg, task, [x[0].text for x in g], [e["gold"] for e in examples])
+        greedy = score_completions(
+            cfg,
+            task,
+            [x[0].text for x in g],
+            [e["gold"] for e in examples],
+            [x[0].truncated for x in g],
+        )
     n = cfg.eval_samples
     rows = []
     for i, e in enumerate(examples):
@@ -1298,7 +1339,10 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     callbacks = []
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
-    funcs = make_reward_funcs(cfg, task)
+    gen_eos = model.generation_config.eos_token_id
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+    funcs = make_reward_funcs(cfg, task, stop_ids)
     trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
     for cb in callbacks:
         cb.trainer = trainer
