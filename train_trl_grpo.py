@@ -62,6 +62,7 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     lora_r: int = 0  # 0 = full fine-tune; >0 = LoRA rank (alpha = 2 * r) on all linear layers
     gradient_checkpointing: bool = True
+    cpu_threads: int = 0  # torch threads on CPU; 0 = $OMP_NUM_THREADS if set, else usable cores
     # --- GRPO ---
     seed: int = 42
     lr: float = 3e-6
@@ -272,6 +273,8 @@ def validate(cfg: Config) -> None:
             f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
         )
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
+    need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
+    cpu_threads(cfg)  # a bad OMP_NUM_THREADS is a config error too
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
     if cfg.report_to == "wandb":
         need(
@@ -288,6 +291,22 @@ def eval_ks(cfg: Config) -> list[int]:
         raise ConfigError(
             f"eval_ks: cannot parse {cfg.eval_ks!r} as comma-separated ints"
         ) from None
+
+
+def cpu_threads(cfg: Config) -> tuple[int, str]:
+    """torch's thread count for CPU runs and where it came from.
+
+    The cores this process may use (taskset, cgroup cpusets), not the machine's: on a busy or
+    pinned box, more threads than usable cores made a forward pass ~10x slower than one thread.
+    """
+    if cfg.cpu_threads:
+        return cfg.cpu_threads, "cpu_threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={omp!r}: the thread count must be an integer >= 1")
+        return int(omp), "OMP_NUM_THREADS"
+    return len(os.sched_getaffinity(0)), "usable cores"
 
 
 def config_dict(cfg: Config) -> dict:
@@ -1035,6 +1054,9 @@ def load_model(cfg: Config, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads(cfg)[0])
+
     if cfg.model_id == SMOKE_MODEL:
         return build_smoke_model(tokenizer, cfg.seed)
     flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -1216,6 +1238,7 @@ def print_config(cfg: Config) -> None:
     print("resolved config:")
     for k, v in config_dict(cfg).items():
         print(f"  {k:28s} {v!r}")
+    print("torch threads on CPU: {} ({})".format(*cpu_threads(cfg)))
     sys.stdout.flush()
 
 
