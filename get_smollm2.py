@@ -123,7 +123,7 @@ def get_smollm2(log=print) -> Path:
 
 if __name__ == "__main__":
     try:
-        print(get_smollm2(log=lambda m: print(m, file=sys.stderr)))
+        print(get_smollm2())  # the directory, last on stdout
     except GetModelError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
