@@ -136,6 +136,10 @@ def main() -> int:
         **{k: v for k, v in T.DEMO.items() if k not in ("total_steps", "lr")},
         "treatment_lr": T.DEMO["lr"],
     }
+    # Same seed, same weights at step 1: both arms must draw the very same first completions.
+    data["same_first_step"] = (
+        data["samples"]["treatment"]["first"] == (data["samples"]["control"]["first"])
+    )
     line, ok = verdict_line(data)
     data["verdict"] = line
     (out / "learning.json").write_text(json.dumps(data, indent=1))
@@ -143,6 +147,7 @@ def main() -> int:
         print(f"\n{arm} ({data['seconds'][arm]} s), last step's completions:")
         for text in data["samples"][arm]["last"]:
             print("  " + repr(text[:300]))
+    print(f"\nsame first-step completions in both arms: {data['same_first_step']}")
     print(line, flush=True)
     return 0 if ok else 1
 
