@@ -56,8 +56,12 @@ def run_arm(name: str, lr: float, args, out: Path) -> tuple[list[dict], dict, fl
 
     def format(completions, **kw):  # noqa: A001 - TRL logs a reward function by its name
         step = kw["trainer_state"].global_step + 1
-        seen.setdefault(step, list(completions[:N_SAMPLES]))
-        return fmt(completions=completions, **kw)
+        scores = fmt(completions=completions, **kw)
+        if step not in seen:  # shown as they come, so a run cut short still shows its samples
+            seen[step] = list(completions[:N_SAMPLES])
+            for text, score in zip(completions[:N_SAMPLES], scores, strict=False):
+                print(f"[{name} step {step}] format {score:.0f}: {text[:200]!r}", flush=True)
+        return scores
 
     trainer = T.build_trainer(cfg, model, tok, train, [correctness, format], T.reward_weights(cfg))
     start = time.time()
