@@ -78,9 +78,8 @@ def convert(gguf_path: Path, out: Path) -> None:
 
     src, name = str(gguf_path.parent), gguf_path.name
     config = AutoConfig.from_pretrained(src, gguf_file=name)
-    config.quantization_config = None  # dequantized: the saved model is plain fp32
-    if hasattr(config, "_name_or_path"):
-        config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantized: the saved model is plain fp32
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights does not.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

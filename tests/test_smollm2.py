@@ -32,7 +32,7 @@ def test_converted_dir_is_a_plain_model_with_the_right_eos(model_dir):
 
     assert (model_dir / "model.safetensors").exists()
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert "quantization_config" not in cfg  # dequantized: no gguf needed to load it
+    assert cfg.get("quantization_config") is None  # dequantized: no gguf needed to load it
     gen = json.loads((model_dir / "generation_config.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     # The GGUF says eos = 2; transformers' GGUF loader said <|im_start|> (id 1).
