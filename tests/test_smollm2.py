@@ -46,7 +46,9 @@ def test_greedy_answer_is_sane_text_ending_on_eos(model_dir):
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    row = json.loads((FIXTURES / "gsm8k" / "test.jsonl").open().readline())
+    # Row 1 (glasses at $5, every second one 60 %): greedily answered in ~70 tokens. On row 0
+    # the 135M model loops through made-up arithmetic past 300 tokens.
+    row = json.loads((FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()[1])
     cfg = T.resolve_config(["--demo"])
     prompt = T.build_prompt(cfg, T.TASKS["gsm8k"], tok, row)
     enc = tok(prompt, return_tensors="pt")
