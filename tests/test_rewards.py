@@ -136,7 +136,7 @@ def test_evaluation_applies_the_same_rule_to_truncated_samples(tmp_path):
             ]
         ]
 
-    summary = T.evaluate(cfg, task, examples, generate, step=0)
+    summary = T.evaluate(cfg, task, examples, generate, step=0)["summary"]
     out = json.loads((tmp_path / "eval" / "step_00000.json").read_text())["rows"][0]
     assert out["rewards"]["format"] == [1.0, 0.0, 0.0, 0.0]
     assert summary["format_rate"] == pytest.approx(1 / 4)
