@@ -3,6 +3,7 @@
 
     uv run train_trl_grpo.py --dataset gsm8k            # GPU box; ./run_algo.sh starts vLLM for you
     uv run train_trl_grpo.py --dataset gsm8k --smoke    # any machine: tiny model, bundled rows, CPU
+    uv run train_trl_grpo.py --dataset gsm8k --demo     # CPU, no Hub: real SmolLM2-135M learns
 
 Read it top to bottom; it follows the pipeline:
     1. Config          - YOURS TO EDIT: every knob, also a --flag and a GRPO_* env variable
@@ -13,9 +14,9 @@ Read it top to bottom; it follows the pipeline:
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
     6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
-    7. Main            - start-up checks, then the modes: train, --smoke, --dry-run, --eval-only,
-                         --score, --verify-gold, --plot, --compare (runs side by side, in
-                         compare.py)
+    7. Main            - start-up checks, then the modes: train, --smoke, --demo, --dry-run,
+                         --eval-only, --score, --verify-gold, --plot, --compare (runs side by
+                         side, in compare.py)
 """
 
 from __future__ import annotations
