@@ -32,7 +32,8 @@ Environment (default in brackets):
                     trainer's --data-dir, --output-dir and --score (flags or GRPO_* variables)
   VLLM_GPU          GPU(s) of the vLLM server, e.g. 0 or 0,1 [0]
   TRAIN_GPU         GPU(s) of the trainer; a list such as 1,2,3 runs `accelerate launch` with
-                    one process per GPU [1 when this script starts a local server, else 0]
+                    one process per GPU [1 when this script starts a local server, else 0].
+                    The global batch stays the config's; it must split evenly over the GPUs.
   VLLM_TENSOR_PARALLEL  server tensor-parallel size, = the number of GPUs in VLLM_GPU [1]; it
                     must divide the model's attention heads (and its KV heads, or be a multiple
                     of them). TRL's weight sync has no data parallel for dense models.
@@ -66,17 +67,17 @@ Environment (default in brackets):
                     GRPO_MODEL_ID, GRPO_DATASET and GRPO_VLLM_{MODE,HOST,PORT,GROUP_PORT}
                     are refused - use the variables above.
 
-The project's .venv is set up with `uv sync --extra vllm --inexact` when vllm is missing
-(skipped in DRY_RUN and when another virtual environment is already active, which is then
-used as it is). The script refuses to start when VLLM_GPU and TRAIN_GPU overlap or a port
+The project's .venv is set up with `uv sync --extra vllm --inexact` when vllm is missing and
+VLLM_MODE is server or colocate, with or without a local server (skipped in DRY_RUN; another
+active virtual environment is used as it is, and refused if it lacks vllm). The script refuses to start when VLLM_GPU and TRAIN_GPU overlap or a port
 is already taken.
 
 Examples:
   ./run_algo.sh                                   # GSM8K: server on GPU 0, trainer on GPU 1
   VLLM_GPU=2 TRAIN_GPU=3 VLLM_PORT=8001 ./run_algo.sh math -- --max-steps 100
-  TRAIN_GPU=1,2,3 ACCELERATE_CONFIG=zero3 ./run_algo.sh mbpp   # 3 trainer processes
+  TRAIN_GPU=1,2,3,4 ACCELERATE_CONFIG=zero3 ./run_algo.sh mbpp   # 4 trainer processes
   VLLM_MODE=colocate ./run_algo.sh gsm8k          # one GPU (0), vLLM inside the trainer
-  SERVE_ONLY=1 VLLM_GPU=0,1 ./run_algo.sh         # node A: server only, all interfaces
+  SERVE_ONLY=1 VLLM_GPU=0,1 VLLM_TENSOR_PARALLEL=2 ./run_algo.sh   # node A: server only
   VLLM_HOST=10.0.0.1 TRAIN_GPU=0,1,2,3 ./run_algo.sh   # node B: trainers against node A
 EOF
 }

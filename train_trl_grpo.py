@@ -252,8 +252,8 @@ def validate(cfg: Config) -> None:
     need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
     need(
         cfg.dtype != "fp16",
-        "dtype: fp16 is not supported (fp16 loss scaling fails in TRL's GRPO step and Qwen2.5 "
-        "overflows in fp16); use bf16 (Ampere or newer GPU) or fp32",
+        "dtype: fp16 is not supported (fp16 loss scaling is untested here; with fp16 weights the "
+        "first optimizer step fails); use bf16 (Ampere or newer GPU) or fp32",
     )
     need(cfg.dtype in ("auto", "bf16", "fp32"), "dtype: auto | bf16 | fp32")
     need(cfg.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler: one of {' | '.join(LR_SCHEDULERS)}")
