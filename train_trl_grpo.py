@@ -1023,7 +1023,8 @@ def build_smoke_model(tokenizer, seed: int):
     return Qwen2ForCausalLM(config)
 
 
-def load_model(cfg: Config, tokenizer):
+def load_model(cfg: Config, tokenizer, dtype=None):
+    """The model in `dtype`; by default in weights_dtype, the one it trains in."""
     import importlib.util
 
     import torch
@@ -1035,7 +1036,7 @@ def load_model(cfg: Config, tokenizer):
     try:
         return AutoModelForCausalLM.from_pretrained(
             cfg.model_id,
-            dtype=weights_dtype(cfg),
+            dtype=dtype or weights_dtype(cfg),
             attn_implementation="flash_attention_2" if flash else "sdpa",
         )
     except Exception as e:
@@ -1349,7 +1350,7 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
     else:
         import torch
 
-        model = load_model(cfg, tokenizer)
+        model = load_model(cfg, tokenizer, torch_dtype(cfg))  # no training: no fp32 masters
         if torch.cuda.is_available():
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
