@@ -76,13 +76,18 @@ def test_bf16_checkpoint_trains_every_parameter_at_lr_3e6(
         assert moved / total < 0.95 and norm_moved == 0
 
 
-def test_lora_keeps_the_base_in_compute_dtype(clean_env):
+def test_lora_trains_fp32_adapters_over_a_base_in_compute_dtype(clean_env, tokenizer):
     import torch
 
-    cfg = T.resolve_config(["--dtype", "bf16", "--lora-r", "8", "--output-dir", "o"])
-    assert T.weights_dtype(cfg) == torch.bfloat16  # peft keeps the adapters in fp32
-    full = T.resolve_config(["--dtype", "bf16", "--output-dir", "o"])
+    cfg = T.resolve_config(["--smoke", "--dtype", "bf16", "--lora-r", "4", "--output-dir", "o"])
+    assert T.weights_dtype(cfg) == torch.bfloat16
+    full = T.resolve_config(["--smoke", "--dtype", "bf16", "--output-dir", "o"])
     assert T.weights_dtype(full) == torch.float32
+    base = T.build_smoke_model(tokenizer, 0).to(T.weights_dtype(cfg))
+    trainer = T.build_trainer(cfg, base, tokenizer, [{"prompt": "x"}], [lambda **k: [0.0]])
+    trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
 
 
 # ---------------------------------------------------------------- one-line refusals at start
