@@ -27,16 +27,23 @@ ones this script sets itself (--dataset, --model-id, --vllm-*), which are refuse
 Environment (default in brackets):
   VLLM_MODE         server | colocate | none [server]. colocate/none start no server and run
                     the trainer alone (colocate: vLLM inside the trainer; none: no vLLM).
-  MODEL_ID          model for server and trainer [Qwen/Qwen2.5-1.5B-Instruct]
+  MODEL_ID          model for server and trainer [Qwen/Qwen2.5-1.5B-Instruct]; a relative
+                    path is taken from the directory you run this script in, like the
+                    trainer's --data-dir, --output-dir and --score (flags or GRPO_* variables)
   VLLM_GPU          GPU(s) of the vLLM server, e.g. 0 or 0,1 [0]
   TRAIN_GPU         GPU(s) of the trainer; a list such as 1,2,3 runs `accelerate launch` with
-                    one process per GPU [1 when this script starts a local server, else 0]
-  VLLM_TENSOR_PARALLEL  server tensor-parallel size [number of GPUs in VLLM_GPU]
+                    one process per GPU [1 when this script starts a local server, else 0].
+                    The global batch stays the config's; it must split evenly over the GPUs.
+  VLLM_TENSOR_PARALLEL  server tensor-parallel size, = the number of GPUs in VLLM_GPU [1]; it
+                    must divide the model's attention heads (and its KV heads, or be a multiple
+                    of them). TRL's weight sync has no data parallel for dense models.
   VLLM_GPU_MEMORY_UTILIZATION  server --gpu-memory-utilization [0.9]
   VLLM_HOST         address the trainer uses to reach the server [127.0.0.1]. When it names
                     another machine, no server is started: the trainer uses that one after
                     waiting for its /health.
-  VLLM_PORT         server HTTP port [8000]; also names the logs of a run
+  VLLM_PORT         server HTTP port [8000]; also names the logs of a run. It is removed from
+                    the server's and trainer's environment, where vLLM would read it as the
+                    base of its internal ports.
   VLLM_GROUP_PORT   weight-sync (NCCL rendezvous) port, opened on the trainer's machine
                     [51216 (TRL's default) when VLLM_PORT=8000, otherwise
                     51216 + (VLLM_PORT - 8000) mod 14000, so side-by-side runs differ]
@@ -60,17 +67,17 @@ Environment (default in brackets):
                     GRPO_MODEL_ID, GRPO_DATASET and GRPO_VLLM_{MODE,HOST,PORT,GROUP_PORT}
                     are refused - use the variables above.
 
-The project's .venv is set up with `uv sync --extra vllm --inexact` when vllm is missing
-(skipped in DRY_RUN and when another virtual environment is already active, which is then
-used as it is). The script refuses to start when VLLM_GPU and TRAIN_GPU overlap or a port
+The project's .venv is set up with `uv sync --extra vllm --inexact` when vllm is missing and
+VLLM_MODE is server or colocate, with or without a local server (skipped in DRY_RUN; another
+active virtual environment is used as it is, and refused if it lacks vllm). The script refuses to start when VLLM_GPU and TRAIN_GPU overlap or a port
 is already taken.
 
 Examples:
   ./run_algo.sh                                   # GSM8K: server on GPU 0, trainer on GPU 1
   VLLM_GPU=2 TRAIN_GPU=3 VLLM_PORT=8001 ./run_algo.sh math -- --max-steps 100
-  TRAIN_GPU=1,2,3 ACCELERATE_CONFIG=zero3 ./run_algo.sh mbpp   # 3 trainer processes
+  TRAIN_GPU=1,2,3,4 ACCELERATE_CONFIG=zero3 ./run_algo.sh mbpp   # 4 trainer processes
   VLLM_MODE=colocate ./run_algo.sh gsm8k          # one GPU (0), vLLM inside the trainer
-  SERVE_ONLY=1 VLLM_GPU=0,1 ./run_algo.sh         # node A: server only, all interfaces
+  SERVE_ONLY=1 VLLM_GPU=0,1 VLLM_TENSOR_PARALLEL=2 ./run_algo.sh   # node A: server only
   VLLM_HOST=10.0.0.1 TRAIN_GPU=0,1,2,3 ./run_algo.sh   # node B: trainers against node A
 EOF
 }
@@ -152,6 +159,25 @@ server | colocate | none) ;;
 *) die "VLLM_MODE must be server, colocate or none, got '$VLLM_MODE'" ;;
 esac
 [[ -n $MODEL_ID ]] || die "MODEL_ID is empty"
+# Paths are the caller's, but server and trainer run from the repository: make them absolute.
+# A Hub id (org/name) is left alone unless the caller's directory holds such a path.
+if [[ $MODEL_ID != /* ]] && [[ $MODEL_ID == ./* || $MODEL_ID == ../* || -e $CALLER_PWD/$MODEL_ID ]]; then
+    MODEL_ID=$CALLER_PWD/$MODEL_ID
+fi
+abs_path() { if [[ -z $1 || $1 == /* ]]; then printf '%s' "$1"; else printf '%s' "$CALLER_PWD/$1"; fi; }
+for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+    case ${EXTRA_ARGS[i]} in
+    --data-dir | --output-dir | --score)
+        ((i + 1 < ${#EXTRA_ARGS[@]})) && EXTRA_ARGS[i + 1]=$(abs_path "${EXTRA_ARGS[i + 1]}")
+        ;;
+    --data-dir=* | --output-dir=* | --score=*)
+        EXTRA_ARGS[i]=${EXTRA_ARGS[i]%%=*}=$(abs_path "${EXTRA_ARGS[i]#*=}")
+        ;;
+    esac
+done
+for var in GRPO_DATA_DIR GRPO_OUTPUT_DIR GRPO_SCORE; do
+    [[ -n ${!var:-} ]] && export "$var=$(abs_path "${!var}")"
+done
 check_port VLLM_PORT "$VLLM_PORT"
 VLLM_PORT=$((10#$VLLM_PORT))
 is_uint "$HEALTH_TIMEOUT" || die "HEALTH_TIMEOUT must be a whole number of seconds, got '$HEALTH_TIMEOUT'"
@@ -196,16 +222,22 @@ else
     die "START_SERVER must be auto, 1 or 0, got '$START_SERVER'"
 fi
 VLLM_BIND_HOST=${VLLM_BIND_HOST:-$VLLM_HOST}
-# The trainer connects to VLLM_HOST; 0.0.0.0 is a bind address, so connect through loopback.
+# The trainer and the health probe connect to VLLM_HOST, or to the address a local server is
+# bound to when that is a specific one; a wildcard bind address is reached through loopback.
 CLIENT_HOST=$VLLM_HOST
+if ((START_SERVER)) && [[ $VLLM_BIND_HOST != 0.0.0.0 && $VLLM_BIND_HOST != :: ]]; then
+    CLIENT_HOST=$VLLM_BIND_HOST
+fi
 [[ $CLIENT_HOST == 0.0.0.0 ]] && CLIENT_HOST=127.0.0.1
+[[ $CLIENT_HOST == :: ]] && CLIENT_HOST=::1
 
 if ((START_SERVER)); then
     gpu_list_ok "$VLLM_GPU" || die "VLLM_GPU must be a comma-separated GPU list such as 0 or 0,1, got '$VLLM_GPU'"
-    VLLM_TENSOR_PARALLEL=${VLLM_TENSOR_PARALLEL:-$(count_list "$VLLM_GPU")}
+    VLLM_TENSOR_PARALLEL=${VLLM_TENSOR_PARALLEL:-1}
     if ! is_uint "$VLLM_TENSOR_PARALLEL" || ((VLLM_TENSOR_PARALLEL < 1)); then
         die "VLLM_TENSOR_PARALLEL must be a positive integer, got '$VLLM_TENSOR_PARALLEL'"
     fi
+    VLLM_TENSOR_PARALLEL=$((10#$VLLM_TENSOR_PARALLEL))
     [[ $VLLM_GPU_MEMORY_UTILIZATION =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]] ||
         die "VLLM_GPU_MEMORY_UTILIZATION must be a number in (0, 1], got '$VLLM_GPU_MEMORY_UTILIZATION'"
     TRAIN_GPU=${TRAIN_GPU:-1}
@@ -242,6 +274,11 @@ if ((!SERVE_ONLY)); then
         [[ -f $_cfg ]] || die "ACCELERATE_CONFIG: no such file '$_cfg' (use zero2, zero3, ddp or a path)"
         grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$_cfg" && USES_DEEPSPEED=1
     fi
+fi
+if ((START_SERVER)); then
+    NUM_VLLM_GPUS=$(count_list "$VLLM_GPU")
+    ((NUM_VLLM_GPUS == VLLM_TENSOR_PARALLEL)) ||
+        die "VLLM_GPU=$VLLM_GPU lists $NUM_VLLM_GPUS GPU(s) but VLLM_TENSOR_PARALLEL=$VLLM_TENSOR_PARALLEL; the server uses exactly VLLM_TENSOR_PARALLEL GPUs (TRL's weight sync has no data parallel for dense models): set both to match"
 fi
 
 # ---------------------------------------------------------------- commands
@@ -327,12 +364,27 @@ fi
 
 # ---------------------------------------------------------------- environment
 py_has() { python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$1" 2>/dev/null; }
+# Prints "<attention heads> <KV heads>" of a local model or a Hub model (cache, else the Hub);
+# nothing when they cannot be known, and vLLM then judges.
+MODEL_HEADS_PY='import json, os, sys
+path = os.path.join(sys.argv[1], "config.json")
+if not os.path.isfile(path):
+    from huggingface_hub import hf_hub_download
+    path = hf_hub_download(sys.argv[1], "config.json")
+cfg = json.load(open(path))
+cfg = cfg.get("text_config") or cfg
+heads = cfg["num_attention_heads"]
+print(heads, cfg.get("num_key_value_heads") or heads)'
 
 NEED_VLLM=0
 ENV_NOTE=
-[[ $START_SERVER == 1 || $VLLM_MODE == colocate ]] && NEED_VLLM=1
+# Server and colocate trainers need vllm too (TRL's weight-sync client), with or without a local server.
+[[ $VLLM_MODE != none ]] && NEED_VLLM=1
 if [[ -n ${VIRTUAL_ENV:-} && $VIRTUAL_ENV != "$ROOT/.venv" ]]; then
     ENV_NOTE="using the active virtual environment $VIRTUAL_ENV as it is"
+    if ((NEED_VLLM)) && ! py_has vllm; then
+        die "VLLM_MODE=$VLLM_MODE needs vllm, which the active virtual environment $VIRTUAL_ENV lacks: install it there (uv pip install 'trl[vllm]') or deactivate it to use the project's .venv"
+    fi
 else
     if [[ ! -x $ROOT/.venv/bin/python ]] ||
         { ((NEED_VLLM)) && ! PATH=$ROOT/.venv/bin:$PATH py_has vllm; }; then
@@ -345,6 +397,15 @@ else
 fi
 if ((START_SERVER)); then
     command -v trl >/dev/null || die "'trl' is not on PATH (install the project: uv sync --extra vllm)"
+    # vLLM shards attention heads over its tensor-parallel GPUs (KV heads may be replicated
+    # instead): refuse a size it would reject only after minutes of start-up.
+    read -r HEADS KV_HEADS < <(python -c "$MODEL_HEADS_PY" "$MODEL_ID" 2>/dev/null) || true
+    if [[ ${HEADS:-} =~ ^[0-9]+$ && ${KV_HEADS:-} =~ ^[0-9]+$ ]] && ((HEADS > 0 && KV_HEADS > 0)); then
+        tp=$VLLM_TENSOR_PARALLEL
+        if ((HEADS % tp != 0 || (KV_HEADS >= tp ? KV_HEADS % tp : tp % KV_HEADS) != 0)); then
+            die "VLLM_TENSOR_PARALLEL=$tp does not fit $MODEL_ID's $HEADS attention heads and $KV_HEADS KV heads (it must divide the attention heads, and divide the KV heads or be a multiple of them)"
+        fi
+    fi
 fi
 if ((!SERVE_ONLY)); then
     command -v "${TRAIN_CMD[0]}" >/dev/null || die "'${TRAIN_CMD[0]}' is not on PATH"
@@ -499,7 +560,7 @@ if ((START_SERVER)); then
     log "$(show_cmd "CUDA_VISIBLE_DEVICES=$VLLM_GPU" "${SERVER_CMD[@]}")"
     : >"$SERVER_LOG"
     # setsid: own session and process group (pgid = SERVER_PID), away from the terminal's Ctrl-C.
-    (exec setsid env CUDA_VISIBLE_DEVICES="$VLLM_GPU" "${SERVER_CMD[@]}") >>"$SERVER_LOG" 2>&1 </dev/null &
+    (exec setsid env -u VLLM_PORT CUDA_VISIBLE_DEVICES="$VLLM_GPU" "${SERVER_CMD[@]}") >>"$SERVER_LOG" 2>&1 </dev/null &
     SERVER_PID=$!
 fi
 
@@ -530,7 +591,7 @@ TEE_PID=$!
 # background commands otherwise start with it ignored.
 (
     trap - INT QUIT
-    exec setsid env CUDA_VISIBLE_DEVICES="$TRAIN_GPU" "${TRAIN_CMD[@]}"
+    exec setsid env -u VLLM_PORT CUDA_VISIBLE_DEVICES="$TRAIN_GPU" "${TRAIN_CMD[@]}"
 ) >&"$TEE_FD" 2>&1 </dev/null &
 TRAINER_PID=$!
 

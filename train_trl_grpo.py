@@ -66,15 +66,16 @@ class Config:
     instruction: str = ""  # "" = the dataset's default instruction (see TASKS below)
     # --- model ---
     model_id: str = "Qwen/Qwen2.5-1.5B-Instruct"  # Hub id or local directory
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     lora_r: int = 0  # 0 = full fine-tune; >0 = LoRA rank (alpha = 2 * r) on all linear layers
     gradient_checkpointing: bool = True
     cpu_threads: int = 0  # torch threads on CPU; 0 = $OMP_NUM_THREADS if set, else usable cores
     # --- GRPO ---
     seed: int = 42
     lr: float = 3e-6
-    batch_size: int = 4  # completions per GPU per micro-step
-    grad_accum_steps: int = 128  # micro-steps per optimizer step (and per generation round)
+    lr_scheduler: str = "constant_with_warmup"  # TRL/transformers name: linear | cosine | ...
+    batch_size: int = 4  # completions per micro-step (one GPU)
+    grad_accum_steps: int = 128  # micro-steps per optimizer step on one GPU; global batch = product
     total_steps: int = 100  # optimizer steps
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -93,7 +94,7 @@ class Config:
     mbpp_reward: str = "fraction"  # fraction of tests passed | all (all-or-nothing)
     grader_workers: int = 2  # math-verify worker processes
     grader_timeout: float = 2.0  # hard deadline per math answer, seconds
-    sandbox_workers: int = 0  # code sandbox workers; 0 = one per CPU core
+    sandbox_workers: int = 0  # code sandbox workers; 0 = usable CPUs / trainer processes here
     sandbox_timeout: float = 5.0  # wall-clock deadline per program, seconds
     unsafe_code_exec: bool = False  # run model code even with less than the minimum isolation
     # --- generation backend ---
@@ -183,6 +184,10 @@ DEMO = dict(
 )
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
+# transformers' schedulers that need no extra arguments ("constant" would ignore warmup_steps).
+LR_SCHEDULERS = (
+    "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+)  # fmt: skip
 
 
 # ==================================================================================================
@@ -297,7 +302,13 @@ def validate(cfg: Config) -> None:
     need(cfg.dataset in TASKS, f"dataset: {cfg.dataset!r} is not one of {', '.join(TASKS)}")
     need(not cfg.demo or cfg.dataset == "gsm8k", "demo: tuned for --dataset gsm8k only")
     need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
-    need(cfg.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype: auto | bf16 | fp16 | fp32")
+    need(
+        cfg.dtype != "fp16",
+        "dtype: fp16 is not supported (fp16 loss scaling is untested here; with fp16 weights the "
+        "first optimizer step fails); use bf16 (Ampere or newer GPU) or fp32",
+    )
+    need(cfg.dtype in ("auto", "bf16", "fp32"), "dtype: auto | bf16 | fp32")
+    need(cfg.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler: one of {' | '.join(LR_SCHEDULERS)}")
     need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
     need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
     need(cfg.loss_type in LOSS_TYPES, f"loss_type: one of {' | '.join(LOSS_TYPES)}")
@@ -717,13 +728,25 @@ def get_math_pool(cfg: Config):
     return _GRADERS["math"]
 
 
+def sandbox_workers(cfg: Config) -> int:
+    """The CPUs this process may use (affinity, not the machine's count), shared among the trainer
+    processes on this machine: every rank starts its own sandbox."""
+    if cfg.sandbox_workers:
+        return cfg.sandbox_workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def get_sandbox(cfg: Config):
     if "code" not in _GRADERS:
         import code_sandbox
 
         try:
             box = code_sandbox.Sandbox(
-                workers=cfg.sandbox_workers or os.cpu_count(),
+                workers=sandbox_workers(cfg),
                 timeout=cfg.sandbox_timeout,
                 unsafe=cfg.unsafe_code_exec,
             )
@@ -1284,12 +1307,24 @@ def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) ->
 # 6. TRAINER - GRPOConfig and GRPOTrainer wiring. Try not to modify.
 # ==================================================================================================
 def torch_dtype(cfg: Config):
+    """The compute dtype: bf16 means bf16 autocast (weights_dtype says what the weights are)."""
     import torch
 
     name = cfg.dtype
     if name == "auto":
         name = "bf16" if torch.cuda.is_available() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def weights_dtype(cfg: Config):
+    """fp32 master weights for full fine-tuning: an AdamW step at lr ~1e-6 is below half a bf16 ulp
+    of most weights (and of every RMSNorm weight near 1.0), so bf16 parameters would silently not
+    learn. DeepSpeed ZeRO keeps its own fp32 masters, and LoRA trains adapters that peft keeps in
+    fp32 over a frozen base: those load in the compute dtype."""
+    import torch
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return torch.float32 if cfg.lora_r == 0 and not deepspeed else torch_dtype(cfg)
 
 
 def build_smoke_model(tokenizer, seed: int):
@@ -1314,7 +1349,8 @@ def build_smoke_model(tokenizer, seed: int):
     return Qwen2ForCausalLM(config)
 
 
-def load_model(cfg: Config, tokenizer):
+def load_model(cfg: Config, tokenizer, dtype=None):
+    """The model in `dtype`; by default in weights_dtype, the one it trains in."""
     import importlib.util
 
     import torch
@@ -1329,7 +1365,7 @@ def load_model(cfg: Config, tokenizer):
     try:
         return AutoModelForCausalLM.from_pretrained(
             cfg.model_id,
-            dtype=torch_dtype(cfg),
+            dtype=dtype or weights_dtype(cfg),
             attn_implementation="flash_attention_2" if flash else "sdpa",
         )
     except Exception as e:
@@ -1391,26 +1427,82 @@ def check_vllm_server(cfg: Config, connect_tries: int = 3) -> None:
         )
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def split_batch(cfg: Config, world: int) -> tuple[int, int]:
+    """(completions per micro-step, micro-steps) per process, so that `world` processes together
+    make the global batch of one GPU, batch_size * grad_accum_steps: more GPUs make a step
+    faster, never bigger (TRL alone would multiply it by the number of processes)."""
+    total = cfg.batch_size * cfg.grad_accum_steps
+    if total % world:
+        ok = [g for g in range(cfg.grad_accum_steps, 0, -1) if cfg.batch_size * g % world == 0]
+        ok = [g for g in ok if cfg.batch_size * g % cfg.num_generations == 0]
+        hint = f" (e.g. --grad-accum-steps {ok[0]})" if ok else ""
+        raise ConfigError(
+            f"batch: the global batch batch_size * grad_accum_steps = {total} completions does not "
+            f"split evenly over {world} trainer processes; make it a multiple of {world}{hint}"
+        )
+    per_process = total // world
+    micro = math.gcd(per_process, cfg.batch_size)  # never more than batch_size in memory at once
+    return micro, per_process // micro
+
+
+def print_run_summary(cfg: Config, args, weights) -> None:
+    """What a step is, and what TRL does silently, said once at start."""
+    compute = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"precision: {str(weights).removeprefix('torch.')} weights, {compute} compute")
+    world = args.world_size
+    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    print(
+        f"batch: {total} completions per optimizer step (global) = {total // cfg.num_generations} "
+        f"prompts per step x {cfg.num_generations} generations per prompt; {world} trainer "
+        f"process(es) x {args.per_device_train_batch_size} completions per micro-step x "
+        f"{args.gradient_accumulation_steps} micro-steps"
+    )
+    print(
+        f"lr: {cfg.lr:g}, schedule {args.lr_scheduler_type.value}, "
+        f"{args.warmup_steps} warm-up steps, {cfg.total_steps} steps"
+    )
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        print(
+            "vLLM importance-sampling correction: on (TRL's default; "
+            f"mode {args.vllm_importance_sampling_mode}, clip max "
+            f"{args.vllm_importance_sampling_clip_max}): corrects the gap between vLLM's and "
+            "the trainer's log-probs"
+        )
+    else:
+        print("vLLM importance-sampling correction: off (--vllm-mode none: no vLLM to correct)")
+    sys.stdout.flush()
+
+
 def grpo_config(cfg: Config, weights: list[float] | None = None):
     import torch
     from trl import GRPOConfig
 
     dtype = torch_dtype(cfg)
     use_vllm = cfg.vllm_mode != "none"
+    micro, accum = split_batch(cfg, world_size())
     return GRPOConfig(
         output_dir=cfg.output_dir,
         run_name=cfg.run_name,
         seed=cfg.seed,  # also data order and sampling: a different seed is a different run
         data_seed=cfg.seed,
         learning_rate=cfg.lr,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
         max_steps=cfg.total_steps,
         warmup_steps=cfg.warmup_steps,
         max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,  # autocast; the weights stay in weights_dtype
+        fp16=False,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
@@ -1629,7 +1721,7 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         from transformers import set_seed
 
         set_seed(cfg.seed)  # the same samples every run, as in training
-        model = load_model(cfg, tokenizer)
+        model = load_model(cfg, tokenizer, torch_dtype(cfg))  # no training: no fp32 masters
         if torch.cuda.is_available():
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
@@ -1668,11 +1760,13 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
     for cb in callbacks:
         cb.trainer = trainer
+    if trainer.accelerator.is_main_process:
+        print_run_summary(cfg, trainer.args, next(model.parameters()).dtype)
     start = time.time()
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(Path(cfg.output_dir) / "final"))
-    tokenizer.save_pretrained(str(Path(cfg.output_dir) / "final"))
+    trainer.save_model(str(Path(cfg.output_dir) / "final"))  # every rank: ZeRO-3 gathers shards
     if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(Path(cfg.output_dir) / "final"))
         log = trainer.state.log_history
         rewards = [h["reward"] for h in log if "reward" in h]
         summary = {
@@ -1702,6 +1796,26 @@ def run_plot(output_dir: str) -> int:
     return 0
 
 
+def training_run(cfg: Config) -> bool:
+    return not (cfg.dry_run or cfg.eval_only or cfg.score or cfg.verify_gold or cfg.plot)
+
+
+def check_vllm_package(cfg: Config) -> None:
+    """Before anything is loaded, so a missing vllm answers in a second, not after the model."""
+    import importlib.util
+
+    training = training_run(cfg)
+    # The trainer talks to a server through vllm's NCCL client; --eval-only there needs only HTTP.
+    if (cfg.vllm_mode == "colocate" and (training or cfg.eval_only)) or (
+        cfg.vllm_mode == "server" and training
+    ):
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                f"vllm_mode={cfg.vllm_mode} needs the vllm package, which is not installed: "
+                "run `uv sync --extra vllm` (or use --vllm-mode none)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "--compare" in args:  # reads finished runs, so it takes no Config
@@ -1716,15 +1830,19 @@ def main(argv: list[str] | None = None) -> int:
         task = TASKS[cfg.dataset]
         # Start-up checks, cheapest and most likely first: each fails in one line within seconds.
         check_paths(cfg)
+        if training_run(cfg) or cfg.dry_run:
+            split_batch(cfg, world_size())
         print_config(cfg)
         out = Path(cfg.output_dir)
         if not (cfg.score or cfg.verify_gold):
             out.mkdir(parents=True, exist_ok=True)
-            (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
+            if is_main_process():  # one writer per file; every rank runs main()
+                (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
         if task.kind == "code" and not cfg.dry_run:
             get_sandbox(cfg)  # says which isolation layers it got, or refuses, before any work
         if cfg.vllm_mode == "server" and not (cfg.dry_run or cfg.score or cfg.verify_gold):
-            check_vllm_server(cfg)
+            check_vllm_server(cfg)  # first: with no server, ./run_algo.sh is the answer
+        check_vllm_package(cfg)
         check_hub(cfg)  # before transformers and datasets are imported
         if cfg.verify_gold:
             return run_verify_gold(cfg, task)

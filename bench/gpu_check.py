@@ -5,8 +5,12 @@ weights, saved with save_pretrained next to the bundled Qwen2.5 tokenizer so tha
 own load_model/load_tokenizer read it back: nothing is downloaded. Training then goes through
 resolve_config, load_rows/to_examples (the bundled GSM8K rows), make_reward_funcs (math-verify
 in the grader pool), build_trainer and trainer.train(), with vllm_mode=none (transformers
-generation), bf16, the default micro-batch (batch_size from Config) and a short run: `--warmup`
-steps, then `--steps` measured steps.
+generation), --dtype bf16 (fp32 master weights under bf16 autocast), lr 3e-6, the default
+micro-batch (batch_size from Config) at a realistic shape (4 x 16 micro-steps = 64 completions of
+up to 512 tokens per step, 8 per prompt) and a short run: `--warmup` steps, then `--steps`
+measured steps. A random-init model never solves GSM8K, so its correctness and format rewards are
+all 0 and would give no gradient: one more reward, the share of even token ids in a completion,
+varies within every group.
 
 Figures (medians and sums over the measured steps only):
   step s           wall time of one optimizer step, on_step_begin -> on_step_end: generation of
@@ -16,10 +20,15 @@ Figures (medians and sums over the measured steps only):
   total tok/s      prompt + completion tokens processed (no padding) / step time
   generate tok/s   completion tokens / time spent inside model.generate
   peak GiB         torch.cuda.max_memory_allocated over the whole run (and max reserved)
+  moved            share of all parameter entries (and of RMSNorm weights alone) that differ
+                   from the start after the run: must be >= 0.95, else the check fails (exit 1).
+                   An Adam step at lr 3e-6 is below half a bf16 ulp of most weights, so this
+                   is what shows that the fp32 master weights work.
 
 The last line is a one-line summary; the same figures go to $OUT/gpu_check.json when OUT is set,
 else to <out-dir>/gpu_check.json. Run it through bench/gpu_check.sh. `--cpu-test` shrinks the
-model to 2 small layers and the run to a few short steps so the whole path runs on a CPU.
+model to 2 small layers and the run to a few short steps so the whole path runs on a CPU (bf16
+autocast on CPU too, so the parameter check runs there as well).
 """
 
 from __future__ import annotations
@@ -93,20 +102,38 @@ def save_random_model(model_dir: Path, cpu_test: bool, dtype) -> dict:
     return {"params": n_params, **arch}
 
 
+def even_token_share(completion_ids, **_) -> list[float]:
+    """A reward a random-init model gets partly right: it varies within every group."""
+    return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+def moved_share(model, start: dict) -> tuple[float, float]:
+    """Shares of parameter entries, all and RMSNorm weights only, that differ from `start`."""
+    moved = total = norm_moved = norm_total = 0
+    for name, p in model.named_parameters():
+        diff = int((p.detach().cpu() != start[name]).sum())
+        moved, total = moved + diff, total + p.numel()
+        if "norm" in name:
+            norm_moved, norm_total = norm_moved + diff, norm_total + p.numel()
+    return moved / total, norm_moved / max(1, norm_total)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-test", action="store_true", help="tiny model, short run, on CPU")
-    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 4; cpu 2)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 3; cpu 2)")
     ap.add_argument("--warmup", type=int, default=1, help="steps before the measured ones")
-    ap.add_argument("--grad-accum", type=int, default=None, help="default 4; cpu 2")
-    ap.add_argument("--num-generations", type=int, default=4)
-    ap.add_argument("--completion-length", type=int, default=None, help="default 256; cpu 16")
+    ap.add_argument("--grad-accum", type=int, default=None, help="default 16; cpu 2")
+    ap.add_argument("--num-generations", type=int, default=None, help="default 8; cpu 4")
+    ap.add_argument("--completion-length", type=int, default=None, help="default 512; cpu 16")
+    ap.add_argument("--lr", type=float, default=3e-6)
     ap.add_argument("--out-dir", default=str(ROOT / "outputs" / "gpu_check"))
     args = ap.parse_args()
     cpu = args.cpu_test
-    steps = args.steps if args.steps is not None else (2 if cpu else 4)
-    grad_accum = args.grad_accum if args.grad_accum is not None else (2 if cpu else 4)
-    length = args.completion_length or (16 if cpu else 256)
+    steps = args.steps if args.steps is not None else (2 if cpu else 3)
+    grad_accum = args.grad_accum if args.grad_accum is not None else (2 if cpu else 16)
+    length = args.completion_length or (16 if cpu else 512)
+    num_generations = args.num_generations or (4 if cpu else 8)
 
     import torch
     import transformers
@@ -124,9 +151,8 @@ def main() -> int:
     )
     out_dir = Path(args.out_dir)
     model_dir = out_dir / "model"
-    dtype_name = "fp32" if cpu else "bf16"
     t0 = time.perf_counter()
-    arch = save_random_model(model_dir, cpu, torch.float32 if cpu else torch.bfloat16)
+    arch = save_random_model(model_dir, cpu, torch.bfloat16)  # as Hub checkpoints are
     print(
         f"random-init model ({arch['params'] / 1e9:.3f} B parameters, "
         f"{arch['num_hidden_layers']} layers) saved to {model_dir} in "
@@ -145,11 +171,13 @@ def main() -> int:
             "--vllm-mode",
             "none",
             "--dtype",
-            dtype_name,
+            "bf16",
+            "--lr",
+            str(args.lr),
             "--grad-accum-steps",
             str(grad_accum),
             "--num-generations",
-            str(args.num_generations),
+            str(num_generations),
             "--max-completion-length",
             str(length),
             "--total-steps",
@@ -179,9 +207,10 @@ def main() -> int:
         f"{cfg.batch_size} x grad_accum {cfg.grad_accum_steps} = "
         f"{cfg.batch_size * cfg.grad_accum_steps} completions per step "
         f"({cfg.num_generations} per prompt), max_completion_length {cfg.max_completion_length}, "
-        f"gradient_checkpointing {cfg.gradient_checkpointing}",
+        f"gradient_checkpointing {cfg.gradient_checkpointing}, lr {cfg.lr:g}",
         flush=True,
     )
+    start_params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
     def sync() -> None:
         if not cpu:
@@ -238,10 +267,9 @@ def main() -> int:
                 flush=True,
             )
 
-    funcs = harness.make_reward_funcs(cfg, task)
-    trainer = harness.build_trainer(
-        cfg, model, tok, examples, funcs, harness.reward_weights(cfg), [Meter()]
-    )
+    funcs = [*harness.make_reward_funcs(cfg, task), even_token_share]
+    weights = [*harness.reward_weights(cfg), 1.0]
+    trainer = harness.build_trainer(cfg, model, tok, examples, funcs, weights, [Meter()])
     eos_ids.extend(trainer.eos_token_ids)
     if not cpu:
         torch.cuda.reset_peak_memory_stats()
@@ -251,6 +279,7 @@ def main() -> int:
     finally:
         harness.close_graders()
     train_s = time.perf_counter() - t0
+    moved, norm_moved = moved_share(model, start_params)
 
     measured = records[args.warmup :]
     if not measured:
@@ -273,6 +302,7 @@ def main() -> int:
         + (" (--cpu-test: 2 small layers)" if cpu else ""),
         "params": arch["params"],
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "compute_dtype": "bfloat16 autocast" if trainer.args.bf16 else "float32",
         "attn_implementation": model.config._attn_implementation,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "batch_size": cfg.batch_size,
@@ -292,6 +322,9 @@ def main() -> int:
         "generate_tok_per_s": comp / gen_s if gen_s else None,
         "trl_completion_tokens_per_step": trl_comp,
         "train_s": train_s,
+        "lr": cfg.lr,
+        "params_moved_share": moved,
+        "norm_weights_moved_share": norm_moved,
         "peak_mem_allocated_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30,
         "peak_mem_reserved_gib": None if cpu else torch.cuda.max_memory_reserved() / 2**30,
         "steps": records,
@@ -310,9 +343,13 @@ def main() -> int:
         f"gpu_check: {device} | step {result['step_s_median']:.2f} s median of {len(measured)} | "
         f"{result['completion_tok_per_s']:.0f} completion tok/s, "
         f"{result['total_tok_per_s']:.0f} total tok/s (prompt+completion), "
-        f"generate {result['generate_tok_per_s']:.0f} tok/s | peak mem {mem}",
+        f"generate {result['generate_tok_per_s']:.0f} tok/s | peak mem {mem} | "
+        f"params moved {moved:.2%} (norm weights {norm_moved:.2%}) at lr {cfg.lr:g}",
         flush=True,
     )
+    if moved < 0.95 or norm_moved < 0.95:
+        print(f"FAIL: under 95 % of the parameters moved in bf16 mixed precision at lr {cfg.lr:g}")
+        return 1
     return 0
 
 

@@ -163,6 +163,7 @@ def bare_config(cfg, out_dir: str):
         seed=cfg.seed,
         data_seed=cfg.seed,
         learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,  # TRL's default would be linear decay
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         num_generations=cfg.num_generations,

@@ -10,7 +10,7 @@ under three names:
 * ``python`` / ``accelerate``: trainer stand-ins. They record argv/environment, probe the
   server's /health themselves, then sleep STUB_TRAIN_SLEEP seconds and exit with
   STUB_TRAIN_EXIT. ``python -c ...`` (the launcher's import checks) fails for the modules
-  named in STUB_MISSING_MODULES.
+  named in STUB_MISSING_MODULES; other ``python -c`` snippets run in the real interpreter.
 
 Every wait is bounded; only loopback addresses and free ephemeral ports are used.
 """
@@ -74,6 +74,7 @@ def base_info():
         "time": time.time(),
         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "grpo": {k: v for k, v in os.environ.items() if k.startswith("GRPO_")},
+        "vllm_port_env": os.environ.get("VLLM_PORT"),
     }
 
 
@@ -134,6 +135,8 @@ def train():
 if role == "trl":
     assert sys.argv[1] == "vllm-serve", sys.argv
     serve()
+elif role == "python" and sys.argv[1:2] == ["-c"] and "find_spec" not in sys.argv[2]:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 elif role == "python" and len(sys.argv) > 1 and sys.argv[1] == "-c":
     missing = [m for m in os.environ.get("STUB_MISSING_MODULES", "").split(",") if m]
     sys.exit(1 if any(m in sys.argv[2:] for m in missing) else 0)
@@ -216,9 +219,10 @@ class Run:
         }
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *args: str) -> Run:
+    def start(self, *args: str, cwd: Path | None = None) -> Run:
         self.proc = subprocess.Popen(
             [str(SCRIPT), *args],
+            cwd=cwd,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -237,8 +241,8 @@ class Run:
             raise AssertionError(msg) from None
         return self.proc.returncode, out, err
 
-    def run(self, *args: str, timeout: float = 30) -> tuple[int, str, str]:
-        return self.start(*args).finish(timeout)
+    def run(self, *args: str, timeout: float = 30, cwd: Path | None = None) -> tuple[int, str, str]:
+        return self.start(*args, cwd=cwd).finish(timeout)
 
     @property
     def server(self):
@@ -334,7 +338,7 @@ def test_dry_run_pins_server_and_trainer(make_run):
     ],
 )
 def test_dry_run_multi_gpu_uses_accelerate(make_run, config, expected):
-    env = {"DRY_RUN": "1", "VLLM_GPU": "0,1", "TRAIN_GPU": "2,3,4"}
+    env = {"DRY_RUN": "1", "VLLM_GPU": "0,1", "VLLM_TENSOR_PARALLEL": "2", "TRAIN_GPU": "2,3,4"}
     if config:
         env["ACCELERATE_CONFIG"] = config
     run = make_run(**env)
@@ -612,3 +616,98 @@ def test_serve_only_blocks_until_stopped(make_run):
     assert "VLLM_HOST=" in err
     assert run.trainer is None
     run.assert_server_gone()
+
+
+# ---------------------------------------------------------------- GPU path (issue 9)
+def test_vllm_port_is_kept_out_of_server_and_trainer_environment(make_run):
+    """vLLM reads VLLM_PORT as the base of its internal ports: side-by-side runs would collide."""
+    run = make_run(VLLM_GPU="2", TRAIN_GPU="3")
+    rc, _, err = run.run()
+    assert rc == 0, err
+    assert run.env["VLLM_PORT"] == str(run.port)
+    assert run.server["vllm_port_env"] is None and run.trainer["vllm_port_env"] is None
+    s, t = run.server["argv"], run.trainer["argv"]
+    assert s[s.index("--port") + 1] == t[t.index("--vllm-port") + 1] == str(run.port)
+    run.assert_server_gone()
+
+
+@pytest.mark.parametrize("start_server", ["0", "1"])
+def test_server_mode_trainer_without_vllm_is_refused(make_run, stubs, start_server):
+    """Node B of a multi-node run (no local server) still needs vllm for TRL's weight sync."""
+    run = make_run(START_SERVER=start_server, STUB_MISSING_MODULES="vllm")
+    rc, _, err = run.run()
+    assert rc != 0
+    assert "vllm" in one_line_error(err)
+    assert run.server is None and run.trainer is None
+    none = make_run("none", VLLM_MODE="none", STUB_MISSING_MODULES="vllm")
+    rc, _, err = none.run()
+    assert rc == 0, err
+    assert none.trainer is not None
+
+
+def test_serve_only_polls_the_address_it_is_bound_to(make_run):
+    run = make_run(SERVE_ONLY="1", VLLM_BIND_HOST="127.0.0.2", HEALTH_TIMEOUT="15").start()
+    wait_for(lambda: run.server_ready, 15, "the server to be ready")
+    args = run.server["argv"]
+    assert args[args.index("--host") + 1] == "127.0.0.2"
+    time.sleep(1.5)  # let the launcher see /health; it then blocks on the server
+    assert run.proc.poll() is None, run.proc.stderr.read()
+    run.proc.send_signal(signal.SIGTERM)
+    rc, _, err = run.finish(timeout=15)
+    assert rc == 143, err
+    assert f"vLLM server is healthy at http://127.0.0.2:{run.port}/health" in err
+    run.assert_server_gone()
+
+
+def test_relative_paths_resolve_against_the_callers_directory(make_run, tmp_path):
+    caller = tmp_path / "caller"
+    (caller / "models" / "tiny").mkdir(parents=True)
+    run = make_run(MODEL_ID="models/tiny", GRPO_SCORE="c.jsonl")
+    rc, _, err = run.run(
+        "gsm8k", "--", "--data-dir", "data", "--output-dir=out", "--lr", "1e-6", cwd=caller
+    )
+    assert rc == 0, err
+    s, t = run.server["argv"], run.trainer["argv"]
+    assert s[s.index("--model") + 1] == t[t.index("--model-id") + 1] == str(caller / "models/tiny")
+    assert t[t.index("--data-dir") + 1] == str(caller / "data")
+    assert f"--output-dir={caller / 'out'}" in t
+    assert t[t.index("--lr") + 1] == "1e-6"
+    assert run.trainer["grpo"] == {"GRPO_SCORE": str(caller / "c.jsonl")}
+    assert run.trainer["cwd"] == str(ROOT)
+    hub = make_run("hub", DRY_RUN="1", MODEL_ID="org/not-a-local-dir")
+    rc, out, err = hub.run(cwd=caller)
+    assert rc == 0, err
+    assert "--model-id org/not-a-local-dir" in out  # a Hub id stays a Hub id
+
+
+def test_server_tensor_parallel_defaults_to_1_and_must_match_the_gpus(make_run):
+    rc, out, err = make_run(DRY_RUN="1").run()
+    assert rc == 0, err
+    server = shlex.split(out.splitlines()[0])
+    assert server[server.index("--tensor-parallel-size") + 1] == "1"
+    run = make_run("two", DRY_RUN="1", VLLM_GPU="0,1", TRAIN_GPU="2")
+    rc, _, err = run.run()
+    assert rc != 0
+    assert "VLLM_TENSOR_PARALLEL" in one_line_error(err)
+
+
+@pytest.mark.parametrize(("tp", "ok"), [("3", False), ("5", False), ("2", True), ("4", True)])
+def test_tensor_parallel_must_fit_the_models_heads(make_run, tmp_path, tp, ok):
+    """12 attention heads and 2 KV heads (Qwen2.5-1.5B): vLLM takes 2, and 4 (KV heads copied)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps({"num_attention_heads": 12, "num_key_value_heads": 2, "hidden_size": 1536})
+    )
+    gpus = ",".join(str(i) for i in range(int(tp)))
+    run = make_run(MODEL_ID=str(model), VLLM_GPU=gpus, VLLM_TENSOR_PARALLEL=tp, TRAIN_GPU="7")
+    rc, _, err = run.run()
+    if ok:
+        assert rc == 0, err
+        assert run.server is not None
+        run.assert_server_gone()
+    else:
+        assert rc != 0
+        line = one_line_error(err)
+        assert f"VLLM_TENSOR_PARALLEL={tp}" in line and "12 attention heads" in line
+        assert run.server is None and run.trainer is None

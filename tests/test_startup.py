@@ -35,6 +35,7 @@ class Refuse:
             raise ImportError("heavy import before the check: " + name)
 sys.meta_path.insert(0, Refuse())
 sys.argv = sys.argv[1:]
+sys.path.insert(0, str(__import__("pathlib").Path(sys.argv[0]).parent))  # as `python SCRIPT` does
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
