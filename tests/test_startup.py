@@ -409,8 +409,9 @@ def test_eval_only_logs_its_summary(tmp_path):
     out = tmp_path / "e"
     argv = ["--smoke", "--eval-only", "--max-eval-samples", "1", "--eval-samples", "2"]
     assert T.main([*argv, "--output-dir", str(out)]) == 0
-    summary = json.loads((out / "eval" / "step_00000.json").read_text())["summary"]
-    assert _records(out) == [{"step": 0, **{f"eval_{k}": v for k, v in summary.items()}}]
+    rec = json.loads((out / "eval" / "step_00000.json").read_text())
+    logged = {f"eval_{k}": v for k, v in {**rec["summary"], "problems": rec["problems"]}.items()}
+    assert _records(out) == [{"step": 0, **logged}]  # as a training run logs its evaluations
 
 
 def test_plot_without_a_log_is_one_line(tmp_path, capsys):
