@@ -245,6 +245,11 @@ def validate(cfg: Config) -> None:
 
     need(cfg.dataset in TASKS, f"dataset: {cfg.dataset!r} is not one of {', '.join(TASKS)}")
     need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
+    need(
+        not (cfg.model_id == SMOKE_MODEL and cfg.vllm_mode == "colocate"),
+        "vllm_mode=colocate: vLLM loads a model directory, and --smoke builds its model in "
+        "memory; save one and pass --model-id DIR, or use --vllm-mode none",
+    )
     need(cfg.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype: auto | bf16 | fp16 | fp32")
     need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
     need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
@@ -1292,6 +1297,7 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 
 
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
+    llm = None
     if cfg.vllm_mode == "server":
         check_vllm_server(cfg)
         if os.environ.get("RUN_ALGO_FRESH_SERVER") != "1":  # run_algo.sh just loaded model_id
@@ -1319,7 +1325,13 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         if torch.cuda.is_available():
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
-    summary = evaluate(cfg, task, examples, gen, step=0)
+    try:
+        summary = evaluate(cfg, task, examples, gen, step=0)
+    finally:
+        if llm is not None:
+            # Stop the engine's processes here: left to interpreter exit they are killed and
+            # leave shared memory behind.
+            llm.llm_engine.engine_core.shutdown()
     history = [{"step": 0, **summary}]
     print_table(history)
     plot_metrics(cfg.output_dir, [], history)
