@@ -1316,6 +1316,9 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
             model=cfg.model_id,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.seed,
+            # One worker in the engine's own process, as TRL's colocate engine has: vLLM's
+            # multiprocess executor leaves its shared-memory queue behind when it stops.
+            distributed_executor_backend="uni",
         )
         gen = vllm_colocate_generate(llm, tokenizer)
     else:

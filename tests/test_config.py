@@ -132,3 +132,20 @@ def test_server_mode_on_cpu_is_a_clear_error(clean_env, tmp_path):
     )
     assert res.returncode == 2
     assert "needs a CUDA GPU" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_colocate_on_cpu_needs_the_cpu_build_of_vllm(clean_env, tmp_path):
+    model = str(ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer")  # never loaded: refused first
+    res = run_cli(
+        ["--smoke", "--model-id", model, "--vllm-mode", "colocate"]
+        + ["--output-dir", str(tmp_path / "o")],
+        tmp_path,
+    )
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "CPU build" in res.stderr and "scripts/vllm_cpu_env.sh" in res.stderr
+
+
+def test_smoke_with_colocate_is_refused_at_start(clean_env, tmp_path):
+    res = run_cli(["--smoke", "--vllm-mode", "colocate", "--eval-only"], tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--model-id DIR" in res.stderr
