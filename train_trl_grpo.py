@@ -1310,14 +1310,15 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
             )
         gen = vllm_server_generate(server_url(cfg), cfg.model_id)
     elif cfg.vllm_mode == "colocate":
+        # The engine and its one worker in this process, as TRL's colocate engine runs: vLLM's
+        # engine-core and worker processes, stopped at exit, leave a shared-memory queue behind.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         llm = LLM(
             model=cfg.model_id,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.seed,
-            # One worker in the engine's own process, as TRL's colocate engine has: vLLM's
-            # multiprocess executor leaves its shared-memory queue behind when it stops.
             distributed_executor_backend="uni",
         )
         gen = vllm_colocate_generate(llm, tokenizer)
@@ -1332,8 +1333,7 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         summary = evaluate(cfg, task, examples, gen, step=0)
     finally:
         if llm is not None:
-            # Stop the engine's processes here: left to interpreter exit they are killed and
-            # leave shared memory behind.
+            # Stopped here, in order, rather than torn down at interpreter exit.
             llm.llm_engine.engine_core.shutdown()
     history = [{"step": 0, **summary}]
     print_table(history)
