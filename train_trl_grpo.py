@@ -13,7 +13,9 @@ Read it top to bottom; it follows the pipeline:
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
     6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
-    7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold
+    7. Main            - start-up checks, then the modes: train, --smoke, --dry-run, --eval-only,
+                         --score, --verify-gold, --plot, --compare (runs side by side, in
+                         compare.py)
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import math
 import os
 import random
 import re
+import socket
 import sys
+import threading
 import time
 import typing
 import urllib.error
@@ -98,10 +102,11 @@ class Config:
     # --- evaluation ---
     eval_every: int = 20  # steps; baseline and final evaluations always run; 0 = only those two
     eval_samples: int = 10  # n completions per problem; 0 = no evaluation at all
-    eval_ks: str = "1,5,10"  # pass@k for these k (each <= eval_samples)
+    eval_ks: str = ""  # pass@k for these k (each <= eval_samples); "" = 1, 2, 4, ... and n itself
     eval_greedy: bool = False  # also report greedy pass@1
     eval_temperature: float | None = None  # None = training's temperature
     eval_top_p: float | None = None  # None = training's top_p
+    eval_subsample: int = 0  # mid-run evals on N fixed problems; 0 = all (baseline, final: all)
     # --- output ---
     output_dir: str = ""  # "" = outputs/<run_name>
     run_name: str = ""  # "" = <dataset>-<model name>
@@ -115,6 +120,7 @@ class Config:
     eval_only: bool = False  # evaluate model_id on the eval split, no training
     score: str = ""  # JSONL of {"row", "completion"}: grade them with the training rewards
     verify_gold: bool = False  # grade every gold solution; exit 1 if any fails
+    plot: str = ""  # OUTPUT_DIR: redraw its metrics.png from its log.jsonl, then exit
 
 
 # What --smoke changes, unless the field is set explicitly on the CLI or in the environment.
@@ -133,7 +139,6 @@ SMOKE = dict(
     max_eval_samples=8,
     eval_every=2,
     eval_samples=4,
-    eval_ks="1,2,4",
     save_steps=2,
     report_to="none",
     grader_workers=1,
@@ -234,6 +239,11 @@ def resolve_config(argv: list[str] | None = None) -> Config:
         cfg.output_dir = f"outputs/{cfg.run_name}"
     if not cfg.eval_split:
         cfg.eval_split = TASKS[cfg.dataset].eval_split if cfg.dataset in TASKS else ""
+    if not cfg.eval_ks.strip():
+        # Powers of two up to n, and n: 10 -> 1,2,4,8,10. With evaluation off, n is the GRPO group
+        # size, over which every step logs train/pass@k.
+        n = cfg.eval_samples or cfg.num_generations
+        cfg.eval_ks = ",".join(str(k) for k in sorted({2**i for i in range(n.bit_length())} | {n}))
     validate(cfg)
     return cfg
 
@@ -255,6 +265,7 @@ def validate(cfg: Config) -> None:
     need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
     need(cfg.loss_type in LOSS_TYPES, f"loss_type: one of {' | '.join(LOSS_TYPES)}")
     need(cfg.lora_r >= 0 and cfg.eval_samples >= 0, "lora_r and eval_samples must be >= 0")
+    need(cfg.eval_subsample >= 0, "eval_subsample: must be >= 0 (0 = the whole eval set)")
     need(
         cfg.eval_split in TASKS[cfg.dataset].splits,
         f"eval_split: {cfg.dataset} has splits "
@@ -293,6 +304,39 @@ def eval_ks(cfg: Config) -> list[int]:
         raise ConfigError(
             f"eval_ks: cannot parse {cfg.eval_ks!r} as comma-separated ints"
         ) from None
+
+
+# huggingface_hub's repo id rules: [owner/]name, word characters, "-" and ".", at most 96 each,
+# starting and ending with a word character, no "--" or "..".
+HUB_ID = re.compile(r"(?:\w(?:[\w.-]{0,94}\w)?/)?\w(?:[\w.-]{0,94}\w)?")
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.fullmatch(name)) and ".." not in name and "--" not in name
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N directory, as transformers' get_last_checkpoint, sans its import."""
+    steps = [
+        int(p.name[len("checkpoint-") :])
+        for p in Path(output_dir).glob("checkpoint-*")
+        if p.is_dir() and p.name[len("checkpoint-") :].isdigit()
+    ]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def check_paths(cfg: Config) -> None:
+    """Paths that cannot be found fail here, in one line, before seconds of heavy imports."""
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise DataError(f"data_dir: no such directory: {cfg.data_dir}")
+    if not (cfg.model_id == SMOKE_MODEL or Path(cfg.model_id).is_dir() or is_hub_id(cfg.model_id)):
+        raise DataError(
+            f"model_id: {cfg.model_id!r} is neither a local directory nor a Hub id (owner/name)"
+        )
+    if cfg.score and not Path(cfg.score).is_file():
+        raise DataError(f"score: no such file: {cfg.score}")
+    if cfg.resume and last_checkpoint(cfg.output_dir) is None:
+        raise ConfigError(f"resume: no checkpoint-* directory in {cfg.output_dir}")
 
 
 def config_dict(cfg: Config) -> dict:
@@ -527,6 +571,55 @@ def gold_of(task: Task, rows: list[dict], i: int) -> str:
         raise DataError(f"{task.name}: row {i}: no gold answer ({e})") from None
 
 
+def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether the Hub answers anything within `timeout` s, name lookup included (urllib honours
+    the same proxy variables as huggingface_hub)."""
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+        except urllib.error.HTTPError:
+            pass  # an HTTP error is still an answer
+        except (OSError, ValueError):
+            return
+        answered.set()
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck DNS lookup has no timeout
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()
+
+
+def check_hub(cfg: Config) -> None:
+    """With the Hub unreachable, go offline at once (the local cache only) instead of letting
+    huggingface_hub retry for minutes, and fail in one line if the model is not cached. Runs before
+    transformers and datasets are imported: they read HF_HUB_OFFLINE at import."""
+    hub_model = not (cfg.score or cfg.verify_gold or cfg.model_id == SMOKE_MODEL)
+    hub_model = hub_model and not Path(cfg.model_id).is_dir()
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if offline.upper() in ("1", "ON", "YES", "TRUE") or not (hub_model or not cfg.data_dir):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if hub_reachable(endpoint):
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for name in ("huggingface_hub.constants", "datasets.config"):  # already imported (a notebook)
+        if name in sys.modules:
+            sys.modules[name].HF_HUB_OFFLINE = True
+    print(f"the Hugging Face Hub ({endpoint}) is unreachable: local cache only (HF_HUB_OFFLINE=1)")
+    if hub_model:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(cfg.model_id, "config.json"), str):
+            data = "" if cfg.data_dir else " and local data with --data-dir DIR"
+            raise DataError(
+                f"model {cfg.model_id!r} is not in the local cache and the Hugging Face Hub "
+                f"({endpoint}) is unreachable: pass a local model directory with --model-id DIR"
+                + data
+            )
+
+
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
@@ -696,17 +789,48 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return correct[answers.index(winner)]
 
 
+def problem_scores(rows: list[dict], ks: list[int], majority: bool) -> dict[str, list[float]]:
+    """Each headline metric (pass@k, mean@n, maj@n, greedy pass@1) as one value per problem;
+    the metric is their mean, so intervals and paired differences resample these lists."""
+    n = rows[0]["n"]
+    out = {f"pass@{k}": [pass_at_k(r["n"], sum(r["correct"]), k) for r in rows] for k in ks}
+    out[f"mean@{n}"] = [sum(r["correct"]) / r["n"] for r in rows]
+    if majority:
+        out[f"maj@{n}"] = [float(majority_correct(r["answers"], r["correct"])) for r in rows]
+    if rows[0].get("greedy_correct") is not None:
+        out["greedy_pass@1"] = [float(r["greedy_correct"]) for r in rows]
+    return out
+
+
+# 95 % intervals: percentile bootstrap over problems (the samples of a problem stay together),
+# with a fixed seed, so one eval file always gives the same interval.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values` (per-problem scores or differences)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = np.concatenate(  # in chunks, so 5,000 problems never need a 1000 x 5000 index array
+        [
+            x[rng.integers(0, len(x), size=(min(100, BOOTSTRAP_RESAMPLES - i), len(x)))].mean(1)
+            for i in range(0, BOOTSTRAP_RESAMPLES, 100)
+        ]
+    )
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def summarize(cfg: Config, task: Task, rows: list[dict]) -> dict:
     """Summary metrics from per-problem rows; anyone can recompute them from the eval JSON."""
     ks = [k for k in eval_ks(cfg) if k <= cfg.eval_samples]
     out: dict[str, float] = {}
-    for k in ks:
-        out[f"pass@{k}"] = sum(pass_at_k(r["n"], sum(r["correct"]), k) for r in rows) / len(rows)
-    out[f"mean@{cfg.eval_samples}"] = sum(sum(r["correct"]) / r["n"] for r in rows) / len(rows)
-    if task.kind == "math":
-        out[f"maj@{cfg.eval_samples}"] = sum(
-            majority_correct(r["answers"], r["correct"]) for r in rows
-        ) / len(rows)
+    for name, values in problem_scores(rows, ks, task.kind == "math").items():
+        if name != "greedy_pass@1":  # reported last, as before
+            out[name] = sum(values) / len(values)
     samples = [i for r in rows for i in range(r["n"])]
     for comp in rows[0]["rewards"]:
         out[f"reward/{comp}"] = sum(sum(r["rewards"][comp]) for r in rows) / len(samples)
@@ -740,8 +864,14 @@ def sampling_params(cfg: Config) -> dict:
     )
 
 
-def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, step: int) -> dict:
-    """Generate eval_samples completions per problem, grade them, write eval/step_NNNNN.json."""
+def evaluate(
+    cfg: Config, task: Task, examples: list[dict], generate: Generate, step: int, subsample=False
+) -> dict:
+    """Generate eval_samples completions per problem, grade them, write eval/step_NNNNN.json.
+
+    Returns that file's record without its rows: step, split, problems, subsample (True for a
+    mid-run eval on the eval_subsample problems), summary (flat floats) and ci95 ({metric: [lo,
+    hi]} for pass@k, mean@n, maj@n and greedy pass@1)."""
     prompts = [e["prompt"] for e in examples]
     start = time.monotonic()
     samples = generate(prompts, cfg.eval_samples, sampling_params(cfg))
@@ -780,6 +910,7 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
                 else int(greedy["components"]["correctness"][i] == 1.0),
             }
         )
+    ks = [k for k in eval_ks(cfg) if k <= cfg.eval_samples]
     summary = summarize(cfg, task, rows)
     summary["eval_seconds"] = round(time.monotonic() - start, 1)
     print(
@@ -790,20 +921,37 @@ def evaluate(cfg: Config, task: Task, examples: list[dict], generate: Generate, 
     sampling = {"n": n, **sampling_params(cfg)}
     if cfg.eval_greedy:
         sampling["greedy"] = {"n": 1, **greedy_sp}
+    record = {
+        "step": step,
+        "split": cfg.eval_split,
+        "problems": len(rows),
+        "subsample": subsample,
+        "sampling": sampling,
+        "summary": summary,
+        "ci95": {
+            m: list(bootstrap_ci(v))
+            for m, v in problem_scores(rows, ks, task.kind == "math").items()
+        },
+    }
     out = Path(cfg.output_dir) / "eval" / f"step_{step:05d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "step": step,
-                "split": cfg.eval_split,
-                "sampling": sampling,
-                "summary": summary,
-                "rows": rows,
-            }
-        )
-    )
-    return summary
+    out.write_text(json.dumps({**record, "rows": rows}))
+    return record
+
+
+def eval_subset(cfg: Config, examples: list[dict]) -> list[dict]:
+    """The eval_subsample problems of mid-run evaluations: drawn with a fixed seed (0, not
+    cfg.seed), so every evaluation and every run on the same eval set uses the same problems."""
+    if not cfg.eval_subsample or cfg.eval_subsample >= len(examples):
+        return examples
+    keep = sorted(random.Random(0).sample(range(len(examples)), cfg.eval_subsample))
+    return [examples[i] for i in keep]
+
+
+def history_entry(record: dict) -> dict:
+    """One evaluation as summary.json's "eval" list and print_table keep it."""
+    keep = ("problems", "subsample", "ci95")
+    return {"step": record["step"], **record["summary"], **{k: record[k] for k in keep}}
 
 
 def _retry(fn: Callable, what: str, tries: int = 3):
@@ -955,15 +1103,64 @@ def vllm_colocate_generate(llm, tokenizer) -> Generate:
     return generate
 
 
+def format_ci(value: float, ci: list[float] | None, sign: str = "") -> str:
+    """0.412 [0.380, 0.445]: a metric and its 95 % interval."""
+    text = f"{value:{sign}.3f}"
+    return text if ci is None else f"{text} [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
+
+
 def print_table(history: list[dict]) -> None:
+    """Evaluations, one line each, headline metrics with their 95 % intervals; the problems
+    column says whether the eval ran on the whole eval set (all) or the eval_subsample."""
     if not history:
         return
-    keys = [k for k in history[-1] if k != "step" and not k.startswith("reward/")]
-    print("\n" + "  ".join(["step".rjust(6)] + [k.rjust(max(8, len(k))) for k in keys]))
+    skip = ("step", "problems", "subsample", "ci95")
+    keys = [k for k in history[-1] if k not in skip and not k.startswith("reward/")]
+    table = [["step", "problems", *keys]]
     for h in history:
-        cells = [f"{h.get(k, float('nan')):.3f}".rjust(max(8, len(k))) for k in keys]
-        print("  ".join([str(h["step"]).rjust(6)] + cells))
+        cis = h.get("ci95", {})
+        where = "subsample" if h.get("subsample") else "all"
+        cells = [str(h["step"]), f"{h['problems']} {where}" if "problems" in h else ""]
+        cells += [format_ci(h[k], cis.get(k)) if k in h else "-" for k in keys]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print()
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     print(flush=True)
+
+
+def append_log(output_dir: str, record: dict) -> None:
+    """One line of output_dir/log.jsonl, written at once: a run that dies keeps its log (TRL's log
+    history reaches disk only with a checkpoint)."""
+    with open(Path(output_dir) / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_log(output_dir: str) -> tuple[list[dict], list[dict]]:
+    """log.jsonl -> (training log history, evaluations), as plot_metrics takes them.
+
+    A resumed run starts again at its checkpoint's step, so what an earlier run logged after that
+    step is dropped; a last line cut short by a kill is skipped.
+    """
+    records: list[dict] = []
+    for line in (Path(output_dir) / "log.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "train_begin":
+            records = [r for r in records if r["step"] <= rec["step"]]
+        else:
+            records.append(rec)
+    is_eval = [any(k.startswith("eval_") for k in r) for r in records]
+    history = [r for r, e in zip(records, is_eval, strict=True) if not e]
+    evals = [
+        {"step": r["step"], **{k[len("eval_") :]: v for k, v in r.items() if k != "step"}}
+        for r, e in zip(records, is_eval, strict=True)
+        if e
+    ]
+    return history, evals
 
 
 def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
@@ -1064,10 +1261,25 @@ def server_url(cfg: Config) -> str:
     return f"http://{cfg.vllm_host}:{cfg.vllm_port}"
 
 
-def check_vllm_server(cfg: Config) -> None:
-    """One line naming host:port when no vLLM server answers, or it serves another model."""
+def check_vllm_server(cfg: Config, connect_tries: int = 3) -> None:
+    """Nothing listening at host:port fails within seconds: ./run_algo.sh starts the trainer only
+    once its server is healthy, so no server is on its way. A server that listens but is not healthy
+    yet is waited for, up to vllm_server_timeout. One serving another model is refused."""
+    where = f"{cfg.vllm_host}:{cfg.vllm_port}"
+    for attempt in range(1, connect_tries + 1):
+        try:
+            socket.create_connection((cfg.vllm_host, cfg.vllm_port), timeout=2).close()
+            break
+        except OSError as e:
+            if attempt == connect_tries:
+                raise ConfigError(
+                    f"no vLLM server: nothing listens at {where} ({e.strerror or e}); start one "
+                    f"with ./run_algo.sh {cfg.dataset} (or `trl vllm-serve --model {cfg.model_id} "
+                    f"--port {cfg.vllm_port}`), or use --vllm-mode none (no GPU) / colocate"
+                ) from None
+            time.sleep(1)
     base = server_url(cfg)
-    deadline = time.monotonic() + cfg.vllm_server_timeout
+    deadline, waiting = time.monotonic() + cfg.vllm_server_timeout, False
     while True:
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
@@ -1077,10 +1289,14 @@ def check_vllm_server(cfg: Config) -> None:
             pass
         if time.monotonic() >= deadline:
             raise ConfigError(
-                f"no vLLM server answered at {cfg.vllm_host}:{cfg.vllm_port} within "
-                f"{cfg.vllm_server_timeout:.0f} s; start one with ./run_algo.sh {cfg.dataset} "
-                f"(or `trl vllm-serve --model {cfg.model_id} --port {cfg.vllm_port}`), "
-                "or use --vllm-mode colocate / none"
+                f"the vLLM server at {where} is not healthy after "
+                f"{cfg.vllm_server_timeout:.0f} s (its /health never answered 200); see its log"
+            )
+        if not waiting:
+            waiting = True
+            print(
+                f"waiting up to {cfg.vllm_server_timeout:.0f} s for {where} to be healthy",
+                flush=True,
             )
         time.sleep(2)
     try:
@@ -1144,14 +1360,33 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
     )
 
 
-def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer, history: list):
-    """Baseline before step 1, every eval_every steps, and the final weights at the last step."""
+def make_log_callback(cfg: Config):
+    """Every log (training steps, and evaluations through on_log) appended to log.jsonl."""
     from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:  # marks where a resumed run picks up (read_log)
+                append_log(cfg.output_dir, {"event": "train_begin", "step": state.global_step})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                append_log(cfg.output_dir, {**logs, "step": state.global_step})
+
+    return LogCallback()
+
+
+def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer, history: list):
+    """Baseline before step 1, every eval_every steps, and the final weights at the last step.
+    Baseline and final use every eval example; the ones between, the eval_subsample."""
+    from transformers import TrainerCallback
+
+    subset = eval_subset(cfg, examples)
 
     class EvalCallback(TrainerCallback):
         trainer = None
 
-        def run(self, state, control, args) -> None:
+        def run(self, state, control, args, whole: bool = True) -> None:
             t = self.trainer
             if t.use_vllm and state.global_step != t._last_loaded_step:
                 # TRL pushes weights lazily before its next generation; evaluate what we claim.
@@ -1164,11 +1399,13 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
                     gen = vllm_colocate_generate(t.vllm_generation.llm, tokenizer)
                 else:
                     gen = hf_generate(t.accelerator.unwrap_model(t.model), tokenizer)
-                summary = evaluate(cfg, task, examples, gen, state.global_step)
-                history.append({"step": state.global_step, **summary})
+                ex = examples if whole else subset
+                record = evaluate(cfg, task, ex, gen, state.global_step, len(ex) < len(examples))
+                history.append(history_entry(record))
                 print_table(history[-1:])
                 # "eval_" is the prefix the wandb and tensorboard callbacks file under "eval/".
-                logs = {f"eval_{k}": v for k, v in summary.items()}
+                logs = {f"eval_{k}": v for k, v in record["summary"].items()}
+                logs["eval_problems"] = record["problems"]
                 # Straight to the report_to loggers; on_log clears should_log, which would drop
                 # this step's own training log, so keep it.
                 should_log = control.should_log
@@ -1183,7 +1420,7 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
         def on_step_end(self, args, state, control, **kw):
             last = state.global_step >= state.max_steps
             if last or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                self.run(state, control, args)
+                self.run(state, control, args, whole=last)
 
     return EvalCallback()
 
@@ -1299,7 +1536,6 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
     llm = None
     if cfg.vllm_mode == "server":
-        check_vllm_server(cfg)
         if os.environ.get("RUN_ALGO_FRESH_SERVER") != "1":  # run_algo.sh just loaded model_id
             print(
                 f"warning: the server at {cfg.vllm_host}:{cfg.vllm_port} answers as "
@@ -1330,12 +1566,14 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
     try:
-        summary = evaluate(cfg, task, examples, gen, step=0)
+        record = evaluate(cfg, task, examples, gen, step=0)
     finally:
         if llm is not None:
             # Stopped here, in order, rather than torn down at interpreter exit.
             llm.llm_engine.engine_core.shutdown()
-    history = [{"step": 0, **summary}]
+    logs = {f"eval_{k}": v for k, v in record["summary"].items()}
+    append_log(cfg.output_dir, {"step": 0, **logs, "eval_problems": record["problems"]})
+    history = [history_entry(record)]
     print_table(history)
     plot_metrics(cfg.output_dir, [], history)
     (Path(cfg.output_dir) / "summary.json").write_text(json.dumps({"eval": history}, indent=1))
@@ -1355,25 +1593,18 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
             "vllm_mode=colocate needs a CUDA GPU or vLLM's CPU build (scripts/vllm_cpu_env.sh); "
             "use --vllm-mode none on CPU"
         )
-    if cfg.vllm_mode == "server":
-        check_vllm_server(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.vllm_mode == "none" and cfg.eval_samples:
         # Sharded weights (ZeRO-3) would need every rank inside generate(); evaluation runs on one.
         raise ConfigError(
             "evaluation with several processes needs --vllm-mode server or colocate "
             "(or --eval-samples 0)"
         )
-    resume_from = None
-    if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if resume_from is None:
-            raise ConfigError(f"resume: no checkpoint-* directory in {cfg.output_dir}")
+    resume_from = last_checkpoint(cfg.output_dir) if cfg.resume else None  # check_paths: exists
+    if resume_from:
         print(f"resuming from {resume_from}", flush=True)
     model = load_model(cfg, tokenizer)
     history: list[dict] = []
-    callbacks = []
+    callbacks = [make_log_callback(cfg)]  # first, so the baseline evaluation follows train_begin
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
     funcs = make_reward_funcs(cfg, task)
@@ -1407,10 +1638,27 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     return 0
 
 
+def run_plot(output_dir: str) -> int:
+    if not (Path(output_dir) / "log.jsonl").is_file():
+        raise DataError(f"plot: no log.jsonl in {output_dir}")
+    print(f"wrote {plot_metrics(output_dir, *read_log(output_dir))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in args:  # reads finished runs, so it takes no Config
+        import compare
+
+        args.remove("--compare")
+        return compare.main(args)
     try:
-        cfg = resolve_config(argv)
+        cfg = resolve_config(args)
+        if cfg.plot:
+            return run_plot(cfg.plot)
         task = TASKS[cfg.dataset]
+        # Start-up checks, cheapest and most likely first: each fails in one line within seconds.
+        check_paths(cfg)
         print_config(cfg)
         out = Path(cfg.output_dir)
         if not (cfg.score or cfg.verify_gold):
@@ -1418,6 +1666,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / "resolved_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
         if task.kind == "code" and not cfg.dry_run:
             get_sandbox(cfg)  # says which isolation layers it got, or refuses, before any work
+        if cfg.vllm_mode == "server" and not (cfg.dry_run or cfg.score or cfg.verify_gold):
+            check_vllm_server(cfg)
+        check_hub(cfg)  # before transformers and datasets are imported
         if cfg.verify_gold:
             return run_verify_gold(cfg, task)
         if cfg.score:  # grades against golds only: no tokenizer, so it works offline

@@ -126,9 +126,14 @@ def test_missing_model_is_one_line(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and "nope" in res.stderr
 
 
-def test_server_mode_on_cpu_is_a_clear_error(clean_env, tmp_path):
+def test_vllm_mode_on_cpu_is_a_clear_error(clean_env, tmp_path):
+    # Server mode checks its server first (tests/test_startup.py); colocate goes straight to CUDA
+    # (with a model directory: --smoke's in-memory model is refused before, see below).
+    model = str(ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer")
     res = run_cli(
-        ["--smoke", "--vllm-mode", "server", "--output-dir", str(tmp_path / "o")], tmp_path
+        ["--smoke", "--model-id", model, "--vllm-mode", "colocate"]
+        + ["--output-dir", str(tmp_path / "o")],
+        tmp_path,
     )
     assert res.returncode == 2
     assert "needs a CUDA GPU" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -253,14 +253,21 @@ def test_evaluate_writes_summary_and_rows(tmp_path):
     examples = _gsm8k_examples([0, 5, 7, 11])
     cfg = _gsm8k_cfg(tmp_path)
     gen = FakeGenerate(examples)
-    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], examples, gen, step=7)
+    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], examples, gen, step=7)["summary"]
 
     # One call, all prompts, the eval sampling parameters.
     assert gen.calls == [
         (
             [e["prompt"] for e in examples],
             4,
-            {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 64},
+            {
+                "temperature": 0.6,
+                "top_p": 0.95,
+                "top_k": 20,
+                "min_p": 0.0,
+                "repetition_penalty": 1.0,
+                "max_tokens": 64,
+            },
         )
     ]
     path = tmp_path / "eval" / "step_00007.json"
@@ -307,7 +314,7 @@ def test_majority_vote_counts_equivalent_answer_forms_as_one(tmp_path):
         return [[Sample(t, 5, False) for t in texts]]
 
     cfg = _gsm8k_cfg(tmp_path, "--eval-samples", "5")
-    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], [example], generate, step=0)
+    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], [example], generate, step=0)["summary"]
     assert summary["maj@5"] == 1.0 and summary["mean@5"] == pytest.approx(3 / 5)
     rows = json.loads((tmp_path / "eval" / "step_00000.json").read_text())["rows"]
     assert rows[0]["answers"] == [g, g, g, str(int(g) + 1), str(int(g) + 1)]
@@ -317,7 +324,7 @@ def test_evaluate_greedy_adds_greedy_pass_at_1(tmp_path):
     examples = _gsm8k_examples([0, 5, 7, 11])
     cfg = _gsm8k_cfg(tmp_path, "--eval-greedy")
     gen = FakeGenerate(examples)
-    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], examples, gen, step=0)
+    summary = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], examples, gen, step=0)["summary"]
     assert len(gen.calls) == 2
     _, n, sp = gen.calls[1]
     assert n == 1 and sp == {**gen.calls[0][2], "temperature": 0.0}
@@ -350,7 +357,7 @@ def test_evaluate_mbpp(tmp_path):
             [Sample("```python\ndef is_woodall(x):\n    return 1\n```", 9, True)] * 2,
         ]
 
-    summary = ttg.evaluate(cfg, task, examples, generate, step=1)
+    summary = ttg.evaluate(cfg, task, examples, generate, step=1)["summary"]
     out = json.loads((tmp_path / "eval" / "step_00001.json").read_text())["rows"]
     assert [r["correct"] for r in out] == [[1, 0], [0, 0]]
     assert out[0]["answers"] == [None, None]
@@ -358,6 +365,68 @@ def test_evaluate_mbpp(tmp_path):
     assert summary["pass@2"] == pytest.approx(0.5)
     assert summary["format_rate"] == pytest.approx(3 / 4)
     assert "maj@2" not in summary
+
+
+def test_evaluate_writes_95_intervals_beside_the_flat_summary(tmp_path):
+    examples = _gsm8k_examples([0, 5, 7, 11])
+    cfg = _gsm8k_cfg(tmp_path, "--eval-greedy")
+    record = ttg.evaluate(cfg, ttg.TASKS["gsm8k"], examples, FakeGenerate(examples), step=2)
+    data = json.loads((tmp_path / "eval" / "step_00002.json").read_text())
+    assert {k: data[k] for k in record} == record
+    assert data["problems"] == 4 and data["subsample"] is False
+    assert all(isinstance(v, float) for v in data["summary"].values())  # the summary stays flat
+    ci = data["ci95"]
+    assert ci.keys() == {"pass@1", "pass@2", "pass@4", "mean@4", "maj@4", "greedy_pass@1"}
+    for metric, (lo, hi) in ci.items():
+        assert lo <= data["summary"][metric] <= hi, metric
+    # Per problem, pass@1 is 1, 1/4, 1/2, 1/2: resampled means stay within that range.
+    assert 0.25 <= ci["pass@1"][0] < ci["pass@1"][1] <= 1.0
+    assert ci["pass@4"] == [1.0, 1.0]  # every problem solved at least once: no spread at all
+    ttg.evaluate(cfg, ttg.TASKS["gsm8k"], examples, FakeGenerate(examples), step=3)
+    again = json.loads((tmp_path / "eval" / "step_00003.json").read_text())["ci95"]
+    assert again == ci  # fixed seed: the same rows give the same interval
+
+
+def test_bootstrap_ci_has_the_width_of_the_normal_interval():
+    """400 problems solved with p = 0.3: the 95 % interval is ~ +-1.96 * sqrt(p(1-p)/n)."""
+    values = [1.0] * 120 + [0.0] * 280
+    lo, hi = ttg.bootstrap_ci(values)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 400)
+    assert lo < 0.3 < hi
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(0.3, abs=0.01)
+    assert ttg.bootstrap_ci([0.5] * 7) == (0.5, 0.5)
+
+
+def test_eval_subset_is_the_same_fixed_problems_whatever_the_seed(tmp_path):
+    examples = [{"prompt": f"p{i}", "gold": "1", "row": i} for i in range(50)]
+
+    def subset(*extra):
+        cfg = _gsm8k_cfg(tmp_path, *extra)
+        return [e["row"] for e in ttg.eval_subset(cfg, examples)]
+
+    picked = subset("--eval-subsample", "10")
+    assert len(picked) == len(set(picked)) == 10 and picked == sorted(picked)
+    assert picked != list(range(10))  # drawn across the set, not its first rows
+    assert subset("--eval-subsample", "10", "--seed", "7") == picked
+    assert subset("--eval-subsample", "0") == list(range(50))
+    assert subset("--eval-subsample", "50") == list(range(50))
+    with pytest.raises(ConfigError, match="eval_subsample"):
+        _gsm8k_cfg(tmp_path, "--eval-subsample", "-1")
+
+
+def test_print_table_shows_intervals_and_which_problems(capsys):
+    ci = {"pass@1": [0.25, 0.5]}
+    history = [
+        {"step": 0, "pass@1": 0.375, "format_rate": 1.0, "problems": 8, "subsample": False},
+        {"step": 2, "pass@1": 0.5, "format_rate": 1.0, "problems": 3, "subsample": True},
+    ]
+    history[0]["ci95"] = history[1]["ci95"] = ci
+    ttg.print_table(history)
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert lines[0] == ["step", "problems", "pass@1", "format_rate"]
+    assert lines[1] == ["0", "8", "all", "0.375", "[0.250,", "0.500]", "1.000"]
+    assert lines[2] == ["2", "3", "subsample", "0.500", "[0.250,", "0.500]", "1.000"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -719,7 +788,8 @@ def test_eval_only_server_end_to_end(tmp_path, stand_in):
     assert data["rows"][0]["lengths"] == [5, 6, 7, 8]
     s = data["summary"]
     assert s["pass@1"] == s["pass@4"] == s["maj@4"] == s["format_rate"] == 1.0
-    assert json.loads((out / "summary.json").read_text())["eval"] == [{"step": 0, **s}]
+    (entry,) = json.loads((out / "summary.json").read_text())["eval"]
+    assert entry == {"step": 0, **s, "problems": 8, "subsample": False, "ci95": data["ci95"]}
     sent = [p for b in server.bodies for p in b["prompt"]]
     assert sorted(sent) == sorted(golds)
     assert all(b["n"] == 4 and b["max_tokens"] == 32 and b["model"] == MODEL for b in server.bodies)

@@ -9,11 +9,14 @@ import pytest
 
 import train_trl_grpo as T
 
+ROWS8 = [{"row": i} for i in range(8)]  # the smoke run's 8 eval problems, as eval_subset sees them
+
 
 @pytest.fixture(scope="module")
 def gsm8k_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "gsm8k"
-    assert T.main(["--dataset", "gsm8k", "--smoke", "--output-dir", str(out)]) == 0
+    args = ["--dataset", "gsm8k", "--smoke", "--output-dir", str(out), "--eval-subsample", "3"]
+    assert T.main(args) == 0
     return out
 
 
@@ -24,19 +27,47 @@ def test_smoke_gsm8k_leaves_config_checkpoints_evals_and_summary(gsm8k_run):
     assert (gsm8k_run / "final" / "model.safetensors").exists()
     summary = json.loads((gsm8k_run / "summary.json").read_text())
     assert summary["steps"] == 4
-    # Baseline, one mid-run evaluation and the final weights.
+    # Baseline, one mid-run evaluation and the final weights; the mid-run one on the
+    # eval_subsample (3 of the 8 problems), baseline and final on all of them.
     assert [e["step"] for e in summary["eval"]] == [0, 2, 4]
+    assert [(e["problems"], e["subsample"]) for e in summary["eval"]] == [
+        (8, False),
+        (3, True),
+        (8, False),
+    ]
+    cfg = T.resolve_config(["--smoke", "--eval-subsample", "3", "--output-dir", "o"])
     for step in (0, 2, 4):
         ev = json.loads((gsm8k_run / "eval" / f"step_{step:05d}.json").read_text())
-        assert len(ev["rows"]) == 8 and all(r["n"] == 4 for r in ev["rows"])
+        n = 3 if step == 2 else 8
+        assert len(ev["rows"]) == n and all(r["n"] == 4 for r in ev["rows"])
+        if step == 2:
+            assert [r["row"] for r in ev["rows"]] == [e["row"] for e in T.eval_subset(cfg, ROWS8)]
         assert ev["summary"]["pass@4"] == pytest.approx(
-            sum(T.pass_at_k(4, sum(r["correct"]), 4) for r in ev["rows"]) / 8
+            sum(T.pass_at_k(4, sum(r["correct"]), 4) for r in ev["rows"]) / n
         )
+        for metric, (lo, hi) in ev["ci95"].items():  # intervals contain the point estimates
+            assert lo <= ev["summary"][metric] <= hi, (step, metric)
+        assert ev["ci95"].keys() == {"pass@1", "pass@2", "pass@4", "mean@4", "maj@4"}
     assert (gsm8k_run / "metrics.png").stat().st_size > 1000
     state = json.loads((gsm8k_run / "checkpoint-4" / "trainer_state.json").read_text())
     logged = {k for h in state["log_history"] for k in h}
     # One TRL reward function per component, plus training-batch pass@k.
     assert {"rewards/correctness/mean", "rewards/format/mean", "pass@1", "pass@4"} <= logged
+
+
+def test_compare_the_smoke_run_with_its_base_model(gsm8k_run, tmp_path, capsys):
+    base = tmp_path / "base"
+    args = ["--dataset", "gsm8k", "--smoke", "--eval-only", "--output-dir", str(base)]
+    assert T.main(args) == 0
+    capsys.readouterr()
+    png = tmp_path / "compare.png"
+    assert T.main(["--compare", str(base), str(gsm8k_run), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert f"paired differences from ref = {base.name}" in out
+    lines = out.splitlines()
+    title = next(i for i, ln in enumerate(lines) if ln.startswith("paired differences"))
+    assert lines[title + 2].split()[:2] == [gsm8k_run.name, "8"]  # both final evals' problems
+    assert png.stat().st_size > 5000
 
 
 def test_resume_continues_from_the_newest_checkpoint(gsm8k_run, capsys):
