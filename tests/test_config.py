@@ -128,11 +128,32 @@ def test_missing_model_is_one_line(tmp_path):
 
 
 def test_vllm_mode_on_cpu_is_a_clear_error(clean_env, tmp_path):
-    # Server mode checks its server first (tests/test_startup.py); colocate goes straight to CUDA.
+    # Server mode checks its server first (tests/test_startup.py); colocate goes straight to CUDA
+    # (with a model directory: --smoke's in-memory model is refused before, see below).
+    model = str(ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer")
     res = run_cli(
-        ["--smoke", "--vllm-mode", "colocate", "--output-dir", str(tmp_path / "o")], tmp_path
+        ["--smoke", "--model-id", model, "--vllm-mode", "colocate"]
+        + ["--output-dir", str(tmp_path / "o")],
+        tmp_path,
     )
     assert res.returncode == 2
     # Without vllm installed (CPU boxes) the package check answers first, before any loading.
     needle = "needs a CUDA GPU" if importlib.util.find_spec("vllm") else "needs the vllm package"
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_colocate_on_cpu_needs_the_cpu_build_of_vllm(clean_env, tmp_path):
+    model = str(ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer")  # never loaded: refused first
+    res = run_cli(
+        ["--smoke", "--model-id", model, "--vllm-mode", "colocate"]
+        + ["--output-dir", str(tmp_path / "o")],
+        tmp_path,
+    )
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "CPU build" in res.stderr and "scripts/vllm_cpu_env.sh" in res.stderr
+
+
+def test_smoke_with_colocate_is_refused_at_start(clean_env, tmp_path):
+    res = run_cli(["--smoke", "--vllm-mode", "colocate", "--eval-only"], tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--model-id DIR" in res.stderr

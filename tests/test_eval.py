@@ -260,7 +260,14 @@ def test_evaluate_writes_summary_and_rows(tmp_path):
         (
             [e["prompt"] for e in examples],
             4,
-            {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 64},
+            {
+                "temperature": 0.6,
+                "top_p": 0.95,
+                "top_k": 20,
+                "min_p": 0.0,
+                "repetition_penalty": 1.0,
+                "max_tokens": 64,
+            },
         )
     ]
     path = tmp_path / "eval" / "step_00007.json"
@@ -429,8 +436,11 @@ def test_print_table_shows_intervals_and_which_problems(capsys):
 class StandIn:
     """GET /health, GET /v1/models, POST /v1/completions, like `vllm serve`, in a thread."""
 
-    def __init__(self, model=MODEL, answer=None, fail=0, shuffle=False, drop=0):
+    def __init__(self, model=MODEL, answer=None, fail=0, shuffle=False, drop=0, hold=0.0):
         self.model = model
+        self.hold = hold  # seconds a completion request waits for a second one to arrive
+        self.in_flight = self.max_in_flight = 0
+        self.cond = threading.Condition()
         self.answer = answer or (lambda prompt, j: (f"{prompt}#{j}", [7] * (j + 1), "stop"))
         self.fail = fail  # completion requests answered 500 first; -1 = every one
         self.shuffle = shuffle
@@ -477,6 +487,20 @@ class StandIn:
                     return self._send(404, {"error": "not found"})
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stand.bodies.append(body)
+                with stand.cond:
+                    stand.in_flight += 1
+                    stand.max_in_flight = max(stand.max_in_flight, stand.in_flight)
+                    stand.cond.notify_all()
+                    # Waits (bounded) for a second request: a client that sends one at a time
+                    # never gets one, and the count stays at 1.
+                    stand.cond.wait_for(lambda: stand.in_flight >= 2, timeout=stand.hold)
+                try:
+                    self._answer(body)
+                finally:
+                    with stand.cond:
+                        stand.in_flight -= 1
+
+            def _answer(self, body: dict) -> None:
                 if stand.fail == -1 or len(stand.bodies) <= stand.fail:
                     return self._send(500, {"error": "internal server error"})
                 try:
@@ -516,7 +540,14 @@ def stand_in():
         s.close()
 
 
-SP = {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 3}
+SP = {
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 20,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "max_tokens": 3,
+}
 
 
 def test_server_client_sends_sampling_params_and_reorders(stand_in):
@@ -534,10 +565,79 @@ def test_server_client_sends_sampling_params_and_reorders(stand_in):
     assert [[s.length for s in group] for group in out] == [[2, 3]] * 3
     assert [[s.truncated for s in group] for group in out] == [[False, True]] * 3
     # Two requests of at most batch_prompts prompts, each carrying the sampling parameters.
-    assert [b["prompt"] for b in server.bodies] == [["a", "b"], ["c"]]
+    assert sorted(b["prompt"] for b in server.bodies) == [["a", "b"], ["c"]]
     for body in server.bodies:
         assert body["model"] == MODEL and body["n"] == 2 and body["return_token_ids"] is True
         assert {k: body[k] for k in SP} == SP
+
+
+def test_server_eval_keeps_several_requests_in_flight(stand_in):
+    server = stand_in(hold=5.0)
+    prompts = [f"p{i}" for i in range(256)]
+    out = ttg.vllm_server_generate(server.url, MODEL)(prompts, 2, SP)
+    assert [[s.text for s in g] for g in out] == [[f"{p}#0", f"{p}#1"] for p in prompts]
+    assert sorted(p for b in server.bodies for p in b["prompt"]) == sorted(prompts)
+    assert 2 <= server.max_in_flight <= 8  # concurrent, and bounded
+
+
+def _trl_sampling_fields() -> set[str]:
+    """The sampling fields TRL's VLLMClient.generate puts in every training request."""
+    import inspect
+
+    from trl.generation.vllm_client import VLLMClient
+
+    not_sampling = {"self", "prompts", "features", "logprobs", "structured_outputs_regex"}
+    params = set(inspect.signature(VLLMClient.generate).parameters) - not_sampling
+    return params - {"generation_kwargs"}
+
+
+def test_eval_requests_sample_exactly_as_training(tmp_path, stand_in, capsys, monkeypatch):
+    monkeypatch.delenv("RUN_ALGO_FRESH_SERVER", raising=False)
+    server = stand_in(answer=lambda prompt, j: ("The final answer is \\boxed{1}.", [3] * 4, "stop"))
+    out = tmp_path / "run"
+    argv = ["--dataset", "gsm8k", "--smoke", "--eval-only", "--vllm-mode", "server"]
+    argv += ["--output-dir", str(out), "--vllm-port", str(server.port), "--eval-greedy"]
+    argv += ["--temperature", "0.9", "--top-p", "0.95", "--top-k", "7"]
+    assert ttg.main(argv) == 0
+    # What training sends: TRL's request fields, with GRPOConfig's values as the trainer builds it.
+    args = ttg.grpo_config(ttg.resolve_config(argv))
+    training = {
+        "n": 4,
+        "repetition_penalty": args.repetition_penalty,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": 0.0 if args.min_p is None else args.min_p,  # TRL sends 0.0 for None
+        "max_tokens": args.max_completion_length,
+    }
+    assert set(training) == _trl_sampling_fields()
+    sampled = [b for b in server.bodies if b["n"] == 4]
+    greedy = [b for b in server.bodies if b["n"] == 1]
+    assert sampled and greedy
+    for body in sampled:
+        assert {k: body[k] for k in training} == training
+    for body in greedy:
+        assert {k: body[k] for k in training} == {**training, "n": 1, "temperature": 0.0}
+    # ... and recorded with the eval rows.
+    data = json.loads((out / "eval" / "step_00000.json").read_text())
+    assert data["sampling"] == {**training, "greedy": {**training, "n": 1, "temperature": 0.0}}
+    err = capsys.readouterr()
+    assert "eval at step 0: 32 completions of 8 problems in" in err.out
+    assert data["summary"]["eval_seconds"] >= 0
+    # The server may hold trained weights under model_id's name: one line says so.
+    lines = [ln for ln in err.err.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and f":{server.port}" in lines[0] and MODEL in lines[0]
+
+
+def test_eval_only_on_a_server_the_launcher_just_started_has_no_weights_warning(
+    tmp_path, stand_in, capsys, monkeypatch
+):
+    monkeypatch.setenv("RUN_ALGO_FRESH_SERVER", "1")
+    server = stand_in(answer=lambda prompt, j: ("no answer", [3], "stop"))
+    argv = ["--dataset", "gsm8k", "--smoke", "--eval-only", "--vllm-mode", "server"]
+    argv += ["--output-dir", str(tmp_path), "--vllm-port", str(server.port)]
+    assert ttg.main(argv) == 0
+    assert "warning:" not in capsys.readouterr().err
 
 
 def test_server_client_fails_loudly_after_retries(stand_in, monkeypatch):
@@ -564,6 +664,63 @@ def test_server_client_retries_a_transient_failure(stand_in, monkeypatch):
     out = ttg.vllm_server_generate(server.url, MODEL)(["a", "b"], 2, SP)
     assert [[s.text for s in g] for g in out] == [["a#0", "a#1"], ["b#0", "b#1"]]
     assert len(server.bodies) == 2 and sleeps == [1]
+
+
+class _ScriptedModel:
+    """A model whose generate() appends fixed completions, n per prompt."""
+
+    training = False
+    device = "cpu"
+
+    def __init__(self, completions: list[list[int]]):
+        self.completions = completions
+
+    def eval(self) -> None:
+        pass
+
+    def train(self, mode: bool = True) -> None:
+        pass
+
+    def generate(self, input_ids, attention_mask, **kw):
+        import torch
+
+        return torch.tensor([r.tolist() + c for r in input_ids for c in self.completions])
+
+
+def test_completion_length_counts_the_end_of_sequence_token_in_every_backend(tokenizer, stand_in):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # What each backend hands back for the same three completions: transformers pads after the
+    # end-of-sequence token, vLLM (in process or behind the server) stops on it.
+    padded = [[11, 12, eos, pad], [11, 12, 13, 14], [11, eos, pad, pad]]
+    stopped = [[11, 12, eos], [11, 12, 13, 14], [11, eos]]
+    sp = {**SP, "max_tokens": 4}
+    hf = ttg.hf_generate(_ScriptedModel(padded), tokenizer)(["a"], 3, sp)[0]
+    colocate = ttg._samples_from_ids(tokenizer, stopped, 4)
+    finish = ["stop", "length", "stop"]
+    server = stand_in(answer=lambda prompt, j: ("x", stopped[j], finish[j]))
+    served = ttg.vllm_server_generate(server.url, MODEL)(["a"], 3, sp)[0]
+    for samples in (hf, colocate, served):
+        assert [s.length for s in samples] == [3, 4, 2]
+        assert [s.truncated for s in samples] == [False, True, False]
+
+
+def test_transformers_eval_ignores_the_model_generation_config(tokenizer):
+    model = ttg.build_smoke_model(tokenizer, 0).eval()
+    prompts = ["What is 2 + 2?", "Name a prime number."]
+    sp = {**SP, "temperature": 0.0, "max_tokens": 16}
+    plain = [g[0].text for g in ttg.hf_generate(model, tokenizer)(prompts, 1, sp)]
+    # Qwen2.5-Instruct ships such a generation_config.json; greedy decoding would apply its penalty.
+    model.generation_config.repetition_penalty = 1.5
+    model.generation_config.top_k = 5
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    default = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    by_default = tokenizer.batch_decode(
+        default[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert by_default != plain  # the model's own config changes greedy output here ...
+    ours = [g[0].text for g in ttg.hf_generate(model, tokenizer)(prompts, 1, sp)]
+    assert ours == plain  # ... and evaluation does not take it
 
 
 def _server_cfg(port: int, *extra: str):

@@ -75,6 +75,8 @@ def base_info():
         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "grpo": {k: v for k, v in os.environ.items() if k.startswith("GRPO_")},
         "vllm_port_env": os.environ.get("VLLM_PORT"),
+        "fresh_server": os.environ.get("RUN_ALGO_FRESH_SERVER"),
+        "kv_cache_space": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
     }
 
 
@@ -711,3 +713,49 @@ def test_tensor_parallel_must_fit_the_models_heads(make_run, tmp_path, tp, ok):
         line = one_line_error(err)
         assert f"VLLM_TENSOR_PARALLEL={tp}" in line and "12 attention heads" in line
         assert run.server is None and run.trainer is None
+
+
+# ---------------------------------------------------------------- VLLM_DEVICE=cpu
+def _nvidia_smi(stubs: Path, gpus: int) -> None:
+    """An nvidia-smi that lists `gpus` GPUs, as on a GPU box (none: as a driver without GPUs)."""
+    path = stubs / "nvidia-smi"
+    lines = "".join(f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})'\n" for i in range(gpus))
+    path.write_text("#!/bin/sh\n" + (lines or "echo 'No devices were found'; exit 6\n"))
+    path.chmod(0o755)
+
+
+def test_cpu_server_is_refused_on_a_gpu_box(make_run, stubs):
+    _nvidia_smi(stubs, 2)
+    run = make_run(VLLM_DEVICE="cpu")
+    rc, _, err = run.run("gsm8k")
+    assert rc != 0
+    line = one_line_error(err)
+    assert "VLLM_DEVICE=cpu" in line and "GPU" in line
+    assert run.server is None and run.trainer is None
+
+
+def test_cpu_server_serves_eagerly_with_a_small_kv_cache_and_no_gpus(make_run, stubs):
+    _nvidia_smi(stubs, 0)
+    run = make_run(VLLM_DEVICE="cpu")
+    rc, out, err = run.run("gsm8k", "--", "--eval-only")
+    assert rc == 0, err
+    server, trainer = run.server, run.trainer
+    assert "--enforce-eager" in server["argv"]
+    assert server["kv_cache_space"] == "1"  # GiB of KV cache, unless the caller sets it
+    assert server["cuda"] == trainer["cuda"] == ""
+    run.assert_server_gone()
+
+
+def test_trainer_knows_whether_the_launcher_loaded_the_server(make_run):
+    run = make_run(RUN_ALGO_FRESH_SERVER="1", VLLM_MODE="none", TRAIN_GPU="0")
+    assert run.run("gsm8k")[0] == 0
+    assert run.trainer["fresh_server"] is None  # nothing loaded here: never inherited
+    run = make_run("started", RUN_ALGO_FRESH_SERVER="0")
+    assert run.run("gsm8k")[0] == 0
+    assert run.trainer["fresh_server"] == "1"
+    run.assert_server_gone()
+
+
+def test_bad_vllm_device_is_refused(make_run):
+    rc, _, err = make_run(VLLM_DEVICE="tpu").run("gsm8k")
+    assert rc == 2 and "VLLM_DEVICE must be gpu or cpu" in one_line_error(err)
