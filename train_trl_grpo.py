@@ -52,7 +52,7 @@ class Config:
     # --- task and data ---
     dataset: str = "gsm8k"  # gsm8k | math | mbpp
     data_dir: str = ""  # DIR/{train,test,validation}.{jsonl,parquet}, Hub schema; "" = Hub
-    eval_split: str = ""  # "" = the dataset's default (gsm8k: test, math: validation, mbpp: test)
+    eval_split: str = ""  # "" = default (gsm8k: test, math: validation, mbpp: test); or math500
     max_train_samples: int = 0  # 0 = the whole split
     max_eval_samples: int = 0  # 0 = the whole split
     system_prompt: str = "You are a helpful assistant."
@@ -313,6 +313,15 @@ class DataError(Exception):
 
 
 @dataclass(frozen=True)
+class Source:
+    """A split with its own Hub dataset and schema (MATH-500); locally DIR/<split>.jsonl."""
+
+    hub_path: str
+    hub_split: str
+    fields: tuple[str, ...]  # required in every row, instead of the task's own
+
+
+@dataclass(frozen=True)
 class Task:
     """How one dataset becomes prompts, golds and gold completions."""
 
@@ -322,13 +331,14 @@ class Task:
     hub_configs: tuple[str | None, ...]  # loaded and concatenated (MATH has one per subject)
     splits: tuple[str, ...]
     eval_split: str
-    fields: tuple[str, ...]  # required in every row
+    fields: tuple[str, ...]  # required in every row (plus stratify_by in a train file to carve)
     instruction: str  # the default; Config.instruction replaces it
     user: Callable[[dict, str], str]  # (row, instruction) -> the user message
     gold: Callable[[dict], str]  # row -> what the correctness reward compares against
     gold_completion: Callable[[dict], str]  # row -> the gold solution as a model would answer
     carve_validation: int = 0  # rows carved from train into "validation" (stratified, fixed seed)
     stratify_by: str = ""
+    sources: dict[str, Source] = dataclasses.field(default_factory=dict)  # splits from elsewhere
 
 
 def _gsm8k_gold(row: dict) -> str:
@@ -339,6 +349,13 @@ def _gsm8k_gold_completion(row: dict) -> str:
     reasoning = row["answer"].rsplit("####", 1)[0].strip()
     reasoning = re.sub(r"<<[^>]*>>", "", reasoning)  # GSM8K's calculator annotations
     return f"{reasoning}\nThe final answer is \\boxed{{{_gsm8k_gold(row)}}}."
+
+
+def _math_gold(row: dict) -> str:
+    # MATH-500 rows carry the final answer; hendrycks rows have only the solution's last \boxed{}.
+    if row.get("answer") not in (None, ""):
+        return str(row["answer"])
+    return math_grader().gold_from_solution(row["solution"], "math")
 
 
 def _mbpp_tests(row: dict) -> list[str]:
@@ -381,15 +398,18 @@ TASKS: dict[str, Task] = {
             "prealgebra",
             "precalculus",
         ),
-        splits=("train", "validation", "test"),
+        splits=("train", "validation", "test", "math500"),
         eval_split="validation",
-        fields=("problem", "solution", "type"),
+        fields=("problem", "solution"),
         instruction=MATH_INSTRUCTION,
         user=_math_user("problem"),
-        gold=lambda row: math_grader().gold_from_solution(row["solution"], "math"),
+        gold=_math_gold,
         gold_completion=lambda row: row["solution"],
         carve_validation=500,
         stratify_by="type",
+        sources={
+            "math500": Source("HuggingFaceH4/MATH-500", "test", ("problem", "solution", "answer"))
+        },
     ),
     "mbpp": Task(
         name="mbpp",
@@ -424,6 +444,10 @@ def build_prompt(cfg: Config, task: Task, tokenizer, row: dict) -> str:
 
 
 def _read_split(cfg: Config, task: Task, split: str) -> list[dict]:
+    src = task.sources.get(split)
+    fields = src.fields if src else task.fields
+    if task.carve_validation and split == "train":
+        fields += (task.stratify_by,)  # the carve stratifies by it
     if cfg.data_dir:
         base = Path(cfg.data_dir)
         path = next(
