@@ -952,28 +952,146 @@ def print_table(history: list[dict]) -> None:
     print(flush=True)
 
 
-def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
-    """A PNG of training reward and eval metrics over steps."""
+TIME_PARTS = ("generation", "reward", "train", "weight_sync", "eval")  # the time/* keys per step
+
+
+def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
+    """Six panels: training reward by component, completion length and truncation, clip and
+    importance-sampling ratios, where each step's time went, group filtering, and evaluation with
+    95 % bands (the "ci95" of output_dir/eval/step_*.json, where present). A panel whose metrics
+    were not logged says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    train = [(h["step"], h["reward"]) for h in log_history if "reward" in h]
-    if train:
-        ax1.plot(*zip(*train, strict=True), marker=".")
-    ax1.set(title="training reward (mean)", xlabel="step")
-    for key in [
-        k for k in (evals[-1] if evals else {}) if k.startswith(("pass@", "mean@", "maj@"))
-    ]:
-        ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
-    ax2.set(title="evaluation", xlabel="step", ylim=(0, 1))
-    if evals:
-        ax2.legend()
-    fig.tight_layout()
+    def series(key: str) -> tuple[list, list]:
+        pts = [(h["step"], h[key]) for h in log_history if h.get(key) is not None and "step" in h]
+        return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+    def lines(ax, keys: dict[str, str], **kw) -> bool:
+        drawn = False
+        for key, label in keys.items():
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, marker=".", label=label, **kw)
+                drawn = True
+        return drawn
+
+    def finish(ax, drawn: bool, title: str, ylabel: str = "") -> None:
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if drawn:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    (ax_r, ax_len, ax_clip), (ax_t, ax_g, ax_e) = axes
+    keys = sorted(
+        {k for h in log_history for k in h if k.startswith("rewards/") and k.endswith("/mean")}
+    )
+    drawn = lines(ax_r, {"reward": "total (weighted)"}, linewidth=2)
+    drawn |= lines(ax_r, {k: k.split("/")[1] for k in keys})
+    finish(ax_r, drawn, "training reward by component (mean)")
+
+    drawn = lines(
+        ax_len,
+        {
+            "completions/mean_length": "mean length",
+            "completions/mean_terminated_length": "mean length, ended ones",
+        },
+    )
+    x, y = series("completions/clipped_ratio")
+    if x:
+        twin = ax_len.twinx()
+        twin.plot(x, y, "r--", marker=".", label="truncated rate")
+        twin.set(ylim=(0, 1), ylabel="truncated rate")
+        twin.legend(fontsize=7, loc="lower right")
+    finish(ax_len, drawn or bool(x), "completion length (tokens) and truncation", "tokens")
+
+    drawn = lines(
+        ax_clip,
+        {f"clip_ratio/{k}_mean": f"clip {k}" for k in ("low", "high", "region")},
+    )
+    x, y = series("sampling/importance_sampling_ratio/mean")
+    if x:
+        twin = ax_clip.twinx()
+        twin.plot(x, y, "k:", marker=".", label="IS ratio (mean)")
+        lo, hi = (
+            series("sampling/importance_sampling_ratio/min")[1],
+            series("sampling/importance_sampling_ratio/max")[1],
+        )
+        if len(lo) == len(hi) == len(x):
+            twin.fill_between(x, lo, hi, color="k", alpha=0.1, label="IS ratio min-max")
+        twin.set(ylabel="vLLM importance-sampling ratio")
+        twin.legend(fontsize=7, loc="lower right")
+    finish(ax_clip, drawn or bool(x), "clipped token share and importance sampling", "share")
+
+    drawn = False
+    steps, bottom = series("time/step")[0], None
+    for part in TIME_PARTS:
+        x, y = series(f"time/{part}")
+        if x:
+            ax_t.bar(x, y, bottom=bottom, label=part)
+            bottom = y if bottom is None else [a + b for a, b in zip(bottom, y, strict=True)]
+            drawn = True
+    x, y = series("generation/tokens_per_s")
+    if x:
+        twin = ax_t.twinx()
+        twin.plot(x, y, "k", marker=".", label="generated tokens/s")
+        twin.set(ylabel="generated tokens/s")
+        twin.legend(fontsize=7, loc="upper right")
+    finish(ax_t, drawn, f"time per step ({len(steps)} steps)", "seconds")
+
+    drawn = lines(
+        ax_g,
+        {
+            "frac_reward_zero_std": "zero-variance groups",
+            "dynamic_sampling/dropped_frac": "dropped",
+        },
+    )
+    x, y = series("dynamic_sampling/rounds")
+    if x:
+        twin = ax_g.twinx()
+        twin.plot(x, y, "k:", marker="s", label="generation rounds")
+        twin.set(ylabel="generation rounds")
+        twin.legend(fontsize=7, loc="lower right")
+    finish(ax_g, drawn, "groups without reward variance (share)", "share")
+    ax_g.set_ylim(0, 1)
+
+    bands: dict[int, dict] = {}
+    for e in evals:
+        path = Path(output_dir) / "eval" / f"step_{e['step']:05d}.json"
+        if path.exists():
+            bands[e["step"]] = json.loads(path.read_text()).get("ci95") or {}
+    metrics = [k for k in (evals[-1] if evals else {}) if k.startswith(("pass@", "mean@", "maj@"))]
+    for key in metrics:
+        x = [e["step"] for e in evals if key in e]
+        (line,) = ax_e.plot(x, [e[key] for e in evals if key in e], marker="o", label=key)
+        ci = [(s, bands[s][key]) for s in x if key in bands.get(s, {})]
+        if ci:
+            ax_e.fill_between(
+                [s for s, _ in ci],
+                [b[0] for _, b in ci],
+                [b[1] for _, b in ci],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+    finish(ax_e, bool(metrics), "evaluation (bands: 95 % CI where computed)")
+    ax_e.set_ylim(0, 1)
+    fig.tight_layout(w_pad=3)
+    return fig
+
+
+def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
+    """output_dir/metrics.png: the six panels of metrics_figure in one file."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(output_dir, log_history, evals)
     path = Path(output_dir) / "metrics.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
