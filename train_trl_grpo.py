@@ -12,7 +12,9 @@ Read it top to bottom; it follows the pipeline:
                          math_grader.py and code_sandbox.py, which run model output in
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
-    6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
+    6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify); dynamic sampling and
+                         the per-step time breakdown are a small GRPOTrainer subclass in
+                         grpo_extensions.py
     7. Main            - the modes: train, --smoke, --dry-run, --eval-only, --score, --verify-gold
 """
 
@@ -79,6 +81,11 @@ class Config:
     epsilon: float = 0.2  # lower clip
     epsilon_high: float = 0.28  # upper clip (DAPO's clip-higher)
     loss_type: str = "dapo"  # any TRL loss_type: dapo | grpo | dr_grpo | bnpo | cispo | ...
+    dynamic_sampling: bool = False  # drop groups with all-equal rewards and refill (DAPO)
+    dynamic_sampling_max_rounds: int = 4  # generation rounds per batch at most, the first included
+    mask_truncated: bool = False  # truncated completions get no loss (DAPO's overlong filtering)
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0 = off
+    overlong_penalty: float = 1.0  # the penalty at max_completion_length (weight of "overlong")
     # --- rewards ---
     correctness_weight: float = 1.0
     format_weight: float = 0.1
@@ -272,6 +279,12 @@ def validate(cfg: Config) -> None:
             f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
         )
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
+    need(cfg.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds: must be >= 1")
+    need(
+        0 <= cfg.overlong_buffer <= cfg.max_completion_length,
+        "overlong_buffer: must be between 0 and max_completion_length",
+    )
+    need(cfg.overlong_penalty >= 0, "overlong_penalty: must be >= 0")
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
     if cfg.report_to == "wandb":
         need(
@@ -473,21 +486,26 @@ def _read_split(cfg: Config, task: Task, split: str) -> list[dict]:
     else:
         import datasets
 
+        hub_path, configs, hub_split = (
+            (src.hub_path, (None,), src.hub_split)
+            if src
+            else (task.hub_path, task.hub_configs, split)
+        )
         rows = []
-        for config in task.hub_configs:
+        for config in configs:
             try:
-                rows += datasets.load_dataset(task.hub_path, config, split=split).to_list()
+                rows += datasets.load_dataset(hub_path, config, split=hub_split).to_list()
             except Exception as e:  # offline, typo, gated: say so in one line
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(
-                    f"cannot load {task.hub_path} ({config}, {split}) from the Hub: {first}; "
+                    f"cannot load {hub_path} ({config}, {hub_split}) from the Hub: {first}; "
                     "use --data-dir DIR for local files"
                 ) from None
-        source = task.hub_path
+        source = hub_path
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{source}: row {i}: not a JSON object")
-        for name in task.fields:
+        for name in fields:
             if row.get(name) in (None, ""):
                 raise DataError(f"{source}: row {i}: missing field {name!r}")
     return rows
@@ -674,6 +692,25 @@ def make_reward_funcs(cfg: Config, task: Task) -> list[Callable]:
 
 def reward_weights(cfg: Config) -> list[float]:
     return [cfg.correctness_weight, cfg.format_weight]
+
+
+def training_rewards(cfg: Config, task: Task) -> tuple[list[Callable], list[float]]:
+    """What the trainer optimizes: the task rewards, plus DAPO's soft overlong penalty when
+    overlong_buffer > 0: 0 up to max_completion_length - overlong_buffer tokens, then falling
+    linearly to -1 at max_completion_length, weighted by overlong_penalty. It is length shaping,
+    not grading, so evaluation, --score and --verify-gold report the task rewards only."""
+    funcs, weights = make_reward_funcs(cfg, task), reward_weights(cfg)
+    if cfg.overlong_buffer:
+        from trl.rewards import get_soft_overlong_punishment
+
+        penalty = get_soft_overlong_punishment(cfg.max_completion_length, cfg.overlong_buffer)
+
+        def overlong(completion_ids: list[list[int]], **_) -> list[float]:  # logged as "overlong"
+            return penalty(completion_ids)
+
+        funcs.append(overlong)
+        weights.append(cfg.overlong_penalty)
+    return funcs, weights
 
 
 def score_completions(cfg: Config, task: Task, completions: list[str], golds: list[str]) -> dict:
@@ -1214,6 +1251,7 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
         loss_type=cfg.loss_type,
+        mask_truncated_completions=cfg.mask_truncated,
         reward_weights=weights,
         use_vllm=use_vllm,
         vllm_mode=cfg.vllm_mode if use_vllm else "server",
@@ -1271,7 +1309,8 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
         def on_step_end(self, args, state, control, **kw):
             last = state.global_step >= state.max_steps
             if last or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                self.run(state, control, args)
+                with self.trainer.clock.section("eval"):  # logged as time/eval
+                    self.run(state, control, args)
 
     return EvalCallback()
 
@@ -1285,9 +1324,11 @@ def build_trainer(
     weights: list[float] | None = None,
     callbacks: list = (),
 ):
-    """GRPOTrainer over `train_examples` ({"prompt", "gold", "row"}) with these reward functions."""
+    """GRPOTrainer over `train_examples` ({"prompt", "gold", "row"}) with these reward functions;
+    the subclass in grpo_extensions.py adds dynamic sampling and the time/* breakdown."""
     from datasets import Dataset
-    from trl import GRPOTrainer
+
+    from grpo_extensions import GRPOTrainerPlus
 
     peft_config = None
     if cfg.lora_r > 0:
@@ -1299,7 +1340,7 @@ def build_trainer(
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    return GRPOTrainer(
+    return GRPOTrainerPlus(
         model=model,
         reward_funcs=reward_funcs,
         args=grpo_config(cfg, weights),
@@ -1307,6 +1348,8 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=list(callbacks),
+        dynamic_sampling=cfg.dynamic_sampling,
+        max_rounds=cfg.dynamic_sampling_max_rounds,
     )
 
 
@@ -1440,8 +1483,8 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     callbacks = []
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
-    funcs = make_reward_funcs(cfg, task)
-    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
+    funcs, weights = training_rewards(cfg, task)
+    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
     for cb in callbacks:
         cb.trainer = trainer
     start = time.time()

@@ -39,6 +39,22 @@ def test_smoke_gsm8k_leaves_config_checkpoints_evals_and_summary(gsm8k_run):
     assert {"rewards/correctness/mean", "rewards/format/mean", "pass@1", "pass@4"} <= logged
 
 
+def test_smoke_steps_log_where_the_time_went(gsm8k_run):
+    state = json.loads((gsm8k_run / "checkpoint-4" / "trainer_state.json").read_text())
+    steps = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3, 4]
+    for h in steps:
+        parts = [h[f"time/{k}"] for k in T.TIME_PARTS]
+        assert min(parts) >= 0 and h["time/generation"] > 0 and h["time/train"] > 0
+        assert h["time/weight_sync"] == 0  # no vLLM in --smoke
+        assert sum(parts) == pytest.approx(h["time/step"], rel=0.05)
+        # 4 prompts x 2 completions per step (batch 4 x 2 micro-steps).
+        generated = h["completions/mean_length"] * 8
+        assert h["generation/tokens_per_s"] * h["time/generation"] == pytest.approx(generated)
+    # eval_every=2: the evaluations after steps 2 and 4 are inside those steps' time.
+    assert [h["time/eval"] > 0 for h in steps] == [False, True, False, True]
+
+
 def test_resume_continues_from_the_newest_checkpoint(gsm8k_run, capsys):
     args = ["--dataset", "gsm8k", "--smoke", "--output-dir", str(gsm8k_run)]
     assert T.main([*args, "--resume", "--total-steps", "6", "--eval-samples", "0"]) == 0
