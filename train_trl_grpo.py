@@ -989,9 +989,6 @@ def print_table(history: list[dict]) -> None:
     print(flush=True)
 
 
-TIME_PARTS = ("generation", "reward", "train", "weight_sync", "eval")  # the time/* keys per step
-
-
 def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
     """Six panels: training reward by component, completion length and truncation, clip and
     importance-sampling ratios, where each step's time went, group filtering, and evaluation with
@@ -1068,10 +1065,12 @@ def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
 
     drawn = False
     steps, bottom = series("time/step")[0], None
-    for part in TIME_PARTS:
-        x, y = series(f"time/{part}")
+    # The parts of time/step, in the order the trainer logs them (grpo_extensions.TIME_KEYS).
+    parts = dict.fromkeys(k for h in log_history for k in h if k.startswith("time/"))
+    for part in [k for k in parts if k != "time/step"]:
+        x, y = series(part)
         if x:
-            ax_t.bar(x, y, bottom=bottom, label=part)
+            ax_t.bar(x, y, bottom=bottom, label=part.removeprefix("time/"))
             bottom = y if bottom is None else [a + b for a, b in zip(bottom, y, strict=True)]
             drawn = True
     x, y = series("generation/tokens_per_s")

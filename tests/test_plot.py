@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 import train_trl_grpo as T
+from grpo_extensions import TIME_KEYS
 
 
 def _log() -> list[dict]:
@@ -23,7 +24,7 @@ def _log() -> list[dict]:
             "sampling/importance_sampling_ratio/mean": 1.0,
             "sampling/importance_sampling_ratio/min": 0.9,
             "sampling/importance_sampling_ratio/max": 1.1,
-            **{f"time/{k}": float(i + 1) for i, k in enumerate(T.TIME_PARTS)},
+            **{f"time/{k}": float(i + 1) for i, k in enumerate(TIME_KEYS)},
             "time/step": 15.0,
             "generation/tokens_per_s": 100.0,
             "frac_reward_zero_std": 0.3,
@@ -56,7 +57,7 @@ def test_metrics_figure_panels_and_eval_bands(tmp_path):
     reward = panels["training reward by component (mean)"]
     assert [ln.get_label() for ln in reward.lines] == ["total (weighted)", "correctness", "format"]
     time_ax = panels["time per step (4 steps)"]
-    assert [c.get_label() for c in time_ax.containers] == list(T.TIME_PARTS)
+    assert [c.get_label() for c in time_ax.containers] == list(TIME_KEYS)
     tops = [sum(c.patches[i].get_height() for c in time_ax.containers) for i in range(4)]
     assert tops == [15.0] * 4  # stacked: the parts add up to the step
     (band,) = panels["evaluation (bands: 95 % CI where computed)"].collections
