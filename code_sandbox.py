@@ -9,36 +9,58 @@ Design
 ------
 * ``Sandbox`` starts long-lived *worker* processes (``python -I -S code_sandbox.py --worker``)
   with an empty environment. A worker pre-imports the common stdlib modules, isolates itself
-  once (network + mount namespace, dedicated unprivileged uid, Landlock, no_new_privs,
-  non-dumpable) and then forks one fresh child per program. Each child starts a new session,
-  points stdio at /dev/null, closes every other fd, sets rlimits and installs a seccomp filter
-  before running model code. The worker kills the child's process group at the deadline; the
-  parent replaces a worker that stops answering.
-* Results travel as bounded JSON over pipes, never pickle.
+  once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and then forks
+  one fresh child per program. As root, the worker becomes root of a user namespace that maps
+  just two host uids of its own, one for itself and one for its children; unprivileged, it and
+  its children share one uid. Each child starts a new session, switches to the children's uid
+  (losing every capability), points stdio at /dev/null, closes every other fd, sets rlimits
+  and installs a seccomp filter before running model code. The filter refuses process
+  creation, exec, ptrace, signals, non-Unix sockets, mounts, namespaces and SysV/POSIX IPC.
+* Every program gets a fresh, empty scratch directory in a base directory the child cannot
+  change (as root: owned by the worker's uid, mode 0711). Afterwards the worker removes it
+  whatever modes the child set; a worker that cannot restore an empty base retires and is
+  replaced.
+* The worker kills the child's process group at the deadline; the parent replaces a worker that
+  stops answering, and retries once, on a fresh worker, a program whose worker died under it.
+* Results travel as bounded JSON over pipes, never pickle. The parent's dispatch loop only
+  moves and frames bytes; reports are decoded and scored after every job of the batch is done,
+  so no report can make another program miss its deadline. Decoding is linear in the report's
+  size whatever the values: set elements and dict keys that share a hash more than
+  ``_MAX_SAME_HASH`` times (n**2 work to insert) are refused.
 * The child never judges itself (see "Trust" below): the parent compares values it decoded
-  from a strict type-tagged encoding against expected values it evaluated itself.
+  from a strict type-tagged encoding against expected values computed without model code.
 
 Trust
 -----
 Model code runs first inside the child, so everything in that process (the encoder, the
-report pipe, builtins) is under its control: it can write anything to the report pipe. The
-protocol is built so that this buys nothing beyond hard-coding answers:
+report pipe, builtins, the test's globals) is under its control: it can write anything to the
+report pipe. The protocol is built so that this buys nothing beyond hard-coding answers:
 
-* A test ``assert CALL == EXPECTED`` is split with ``ast``. ``EXPECTED`` is evaluated in the
-  parent when it is a literal (or a small whitelisted constructor expression such as
-  ``set([1, 2])``), so the expected value never enters the child. The child only reports the
-  *value* of ``CALL``. A forged record is therefore just a claim "CALL returned X", which the
-  model could equally produce by returning X; it cannot say "passed".
+* Each test is split with ``ast``. An operand that references none of the solution's names
+  (literals, builtins, comprehensions over them, stdlib modules, names bound by the dataset's
+  setup code, the right side of ``is``) never runs in the child: it is evaluated in the parent
+  when it is a literal (or a small whitelisted constructor expression such as ``set([1, 2])``),
+  else in a *clean* child that runs only the needed stdlib imports, the setup code and the
+  expression, and never ran model code (its values are cached per setup and expression).
+  Only operands that reference the solution's names are evaluated in the child, after the
+  solution ran. A forged record is therefore just a claim "CALL returned X", which the model
+  could equally produce by returning X; it cannot say "passed".
 * Values are encoded only if their type is exactly int/float/complex/str/bytes/bool/None/
   list/tuple/dict/set/frozenset (recursively); an int subclass or an always-equal object
   cannot be encoded, so the test fails. Comparison happens on the decoded plain objects in the
-  parent, whose ``__eq__`` the model does not control.
-* Other assert shapes are split the same way at their top-level operator (``<``, ``in``,
-  ``not``, ``and``/``or``, ``math.isclose``) or, for ``assert EXPR``, by the truthiness of
-  the decoded value. Only operands that reference names defined by the solution are
-  evaluated in the child after the solution ran (weaker: the model could have patched what
-  they call), and only statements that are not a single ``assert`` are executed in the child
-  with a bare pass/fail verdict (weakest; MBPP has none).
+  parent, whose ``__eq__`` the model does not control. ``==`` is Python's ``==`` (floats too);
+  a tolerance applies only where the test states one (``math.isclose``, ``round``, ...).
+* ``assert A op B`` is split at its top-level operator (``==``, ``<``, ``in``, ``is``...),
+  ``not``, ``and``/``or`` and ``math.isclose``; ``assert EXPR`` by the truthiness of the decoded
+  value. A test of several simple statements (assignments, expressions, imports, asserts) is
+  split the same way; names its statements bind count as solution values. A test none of
+  whose operands names the solution (a task "write max()", shadowing a builtin) is read as
+  Python reads it: everything but literals is evaluated in the child.
+* Weaker, in-child verdicts remain for: ``is``/``is not`` whose right side is not None, True or
+  False (identity does not survive the trip out of the child), tests with compound statements
+  (``for``/``if``/``with``/``def``/``try``), and non-solution operands whose clean evaluation
+  fails or is not encodable (e.g. setup code that uses the solution's classes); those operands
+  are evaluated in the child after the solution. No bundled MBPP test takes these paths.
 * Duplicate, malformed or unknown records void the whole program (status "error").
 * ``Result.detail`` is built by the parent from fixed strings and a whitelist of builtin
   exception names, so nothing the child writes (say, a secret it found) reaches logs.
@@ -89,6 +111,7 @@ _MAX_CODE = 256 * 1024
 _MAX_REPORT = 4 * 1024 * 1024
 _MAX_REPLY = 8 * 1024 * 1024
 _MAX_DEPTH = 100
+_MAX_SAME_HASH = 8  # set elements / dict keys from the child that may share one hash
 _DETAIL_LEN = 200
 _WORKER_GRACE = 3.0  # seconds a worker gets beyond the program timeout before it is replaced
 _REQUIRED = ("rlimits", "clean-env", "deadline")
@@ -102,6 +125,7 @@ _LAYER_ORDER = (
     "landlock-net",
     "netns",
     "mntns",
+    "ipcns",
     "uid",
 )
 _DICT_TYPES = (Counter, OrderedDict, defaultdict)
@@ -172,19 +196,40 @@ def _decode(v: object, depth: int = 0) -> object:
     if tag == "t":
         return tuple(items)
     if tag == "s":
-        return set(items)
+        return set(_unclustered(items))
     if tag == "S":
-        return frozenset(items)
+        return frozenset(_unclustered(items))
     if tag == "q":
         return deque(items)
     if tag == "d" and len(items) % 2 == 0:
-        return dict(zip(items[::2], items[1::2], strict=True))
+        return dict(zip(_unclustered(items[::2]), items[1::2], strict=True))
     raise ValueError("bad tag")
 
 
+def _unclustered(keys: list[object]) -> list[object]:
+    """Refuse would-be set elements or dict keys that share a hash more than a few times.
+
+    The child chooses them: n ints that are multiples of 2**61 - 1 all hash alike, and putting
+    them in a set costs n**2 / 2 comparisons (a 1 MB report took 15 s). Honest values almost
+    never share a full hash; with this cap every insertion compares at most a few keys, so
+    decoding stays linear in the report's size. The counts live in a dict keyed by the hash
+    values themselves, which are small ints that hash to themselves: no collisions there.
+    """
+    counts: dict[int, int] = {}
+    for k in keys:
+        h = hash(k)  # TypeError for an unhashable forged element: the value is refused
+        n = counts.get(h, 0) + 1
+        if n > _MAX_SAME_HASH:
+            raise ValueError("colliding hashes")
+        counts[h] = n
+    return keys
+
+
 # --------------------------------------------------------------------------------------------
-# Test planning (parent side): split each assert into child-evaluated probes and a check that
-# the parent applies to the decoded values.
+# Test planning (parent side): split each test into values the solution computes (probes the
+# child evaluates after the solution ran), values that do not depend on the solution (computed
+# in the parent, or in a clean child that never ran model code) and a check that the parent
+# applies to the decoded values.
 # --------------------------------------------------------------------------------------------
 
 
@@ -194,6 +239,7 @@ class _NotConst(Exception):
 
 _FAIL = object()  # a probe that raised, was not encodable, or never reported
 _OK = object()  # an exec probe that completed
+_PENDING = object()  # a clean value that has not been computed yet
 _SAFE_CALLS = {
     "set": set,
     "frozenset": frozenset,
@@ -219,6 +265,20 @@ _BINOPS = {
     ast.Mod: lambda a, b: a % b,
     ast.Pow: lambda a, b: a**b,
 }
+_BUILTIN_NAMES = frozenset(vars(builtins))
+_STDLIB = frozenset(sys.stdlib_module_names)
+# Statements a multi-statement test may consist of and still be split; anything else (loops,
+# ifs, defs, try) is run in the child as a whole, which then only reports "completed".
+_SPLIT_STMTS = (
+    ast.Assert,
+    ast.Assign,
+    ast.AnnAssign,
+    ast.AugAssign,
+    ast.Expr,
+    ast.Import,
+    ast.ImportFrom,
+    ast.Pass,
+)
 
 
 def _const(node: ast.AST) -> object:
@@ -271,43 +331,126 @@ def _const(node: ast.AST) -> object:
     raise _NotConst
 
 
-def _eq(got: object, exp: object, depth: int = 0) -> bool:
-    """Equality on decoded plain values: Python semantics for numbers (so ``1 == True`` and
-    ``3.0 == 3`` hold as in the real assert), exact container types, and a tight
-    ``math.isclose`` where the expected value is a float."""
-    tg, te = type(got), type(exp)
-    if depth > _MAX_DEPTH:
-        return False
-    if te is float and tg in (int, float, bool):
-        return got == exp or math.isclose(got, exp, rel_tol=1e-9, abs_tol=1e-12)
-    if te in (list, tuple):
-        if tg is not te or len(got) != len(exp):  # type: ignore[arg-type]
-            return False
-        return all(_eq(g, e, depth + 1) for g, e in zip(got, exp, strict=True))  # type: ignore[call-overload]
-    if te is dict:
-        if tg is not dict or got.keys() != exp.keys():  # type: ignore[attr-defined]
-            return False
-        return all(_eq(got[k], exp[k], depth + 1) for k in exp)  # type: ignore[index]
+def _eq(got: object, exp: object) -> bool:
+    """``==`` on decoded plain values, exactly as the test's own assert would do it (so
+    ``1 == True``, ``3.0 == 3`` and ``0.1 + 0.2 != 0.3``); a tolerance applies only where the
+    test states one (``math.isclose``, ``round``, ``abs(a - b) < eps``)."""
     try:
         return bool(got == exp)
     except Exception:
         return False
 
 
-_Operand = tuple[str, object]  # ("const", value) or ("probe", local index)
+def _free_names(node: ast.AST) -> set[str] | None:
+    """Global names an expression reads (comprehension and lambda variables are its own);
+    None when it binds names in the test's namespace (``:=``)."""
+    loads: set[str] = set()
+    local: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.NamedExpr):
+            return None
+        if isinstance(n, ast.Name):
+            (loads if isinstance(n.ctx, ast.Load) else local).add(n.id)
+        elif isinstance(n, ast.arg):
+            local.add(n.arg)
+    return loads - local
+
+
+def _bound_names(tree: ast.AST, keep_stdlib_imports: bool = False) -> set[str]:
+    """Names a piece of code binds anywhere in it (an over-approximation)."""
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            out.add(n.id)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            out.add(n.name)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            for a in n.names:
+                name = (a.asname or a.name).split(".")[0]
+                plain = isinstance(n, ast.Import) and a.asname is None and name in _STDLIB
+                if not (keep_stdlib_imports and plain):
+                    out.add(name)
+    return out
+
+
+_SETUP_NAMES: dict[str, frozenset[str]] = {}
+
+
+def _setup_names(setup: str) -> frozenset[str]:
+    hit = _SETUP_NAMES.get(setup)
+    if hit is None:
+        try:
+            hit = frozenset(_bound_names(ast.parse(setup)))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            hit = frozenset()
+        if len(_SETUP_NAMES) > 4096:
+            _SETUP_NAMES.clear()
+        _SETUP_NAMES[setup] = hit
+    return hit
+
+
+_Step = tuple[str, object]  # ("k", known value) | ("v", expression) | ("x", statement)
 _Check = Callable[[list[object]], "bool | None"]
+_Clean = Callable[[str, tuple[str, ...]], object]
 
 
 class _Planner:
-    def __init__(self) -> None:
-        self.probes: list[tuple[str, str]] = []
+    """Plans one test. An operand that references none of the solution's names (literals,
+    builtins, comprehensions over them, stdlib modules, names the setup code binds) gets its
+    value from `clean(source, modules)`, which the parent computed in a child that never ran
+    model code; only operands that reference the solution's names become child probes."""
 
-    def operand(self, node: ast.expr) -> _Operand:
+    def __init__(self, setup_names: frozenset[str], clean: _Clean, literal_only: bool) -> None:
+        self.steps: list[_Step] = []
+        self.setup_names = setup_names
+        self.clean = clean
+        self.literal_only = literal_only
+        self.bound: set[str] = set()  # names the test's own statements bind: child values
+
+    def known(self, node: ast.expr) -> object:
+        """The value of an operand that does not depend on the solution, else _FAIL."""
+        if self.literal_only and any(isinstance(n, ast.Name) for n in ast.walk(node)):
+            return _FAIL
         try:
-            return ("const", _const(node))
-        except (_NotConst, RecursionError, ValueError, TypeError, MemoryError):
-            self.probes.append(("v", ast.unparse(node)))
-            return ("probe", len(self.probes) - 1)
+            return _const(node)
+        except (_NotConst, ArithmeticError, RecursionError, ValueError, TypeError, MemoryError):
+            pass
+        free = _free_names(node)
+        if free is None or free & self.bound:
+            return _FAIL
+        if not free <= _BUILTIN_NAMES | self.setup_names | _STDLIB:
+            return _FAIL
+        mods = tuple(sorted(free & _STDLIB - self.setup_names - _BUILTIN_NAMES))
+        return self.clean(ast.unparse(node), mods)
+
+    def step(self, node: ast.expr, value: object) -> int:
+        if value is _FAIL or value is _PENDING:
+            self.steps.append(("v", ast.unparse(node)))
+        else:
+            self.steps.append(("k", value))
+        return len(self.steps) - 1
+
+    def operand(self, node: ast.expr) -> int:
+        return self.step(node, self.known(node))
+
+    def run(self, stmt: ast.stmt) -> _Check:
+        """A statement of a multi-statement test: run in the child; what it binds is then a
+        value the child reports, like the solution's."""
+        self.steps.append(("x", ast.unparse(stmt)))
+        i = len(self.steps) - 1
+        self.bound |= _bound_names(stmt, keep_stdlib_imports=True)
+        return lambda vals: vals[i] is _OK
+
+    def whole(self, node: ast.expr) -> _Check:
+        """The child's own verdict on an expression (weakest; see the module docstring)."""
+        i = self.operand_in_child(node)
+        return lambda vals: None if vals[i] is _FAIL else vals[i] is True
+
+    def operand_in_child(self, node: ast.expr) -> int:
+        self.steps.append(("v", ast.unparse(node)))
+        return len(self.steps) - 1
 
     def expr(self, node: ast.expr) -> _Check:
         if isinstance(node, ast.Compare):
@@ -342,7 +485,7 @@ class _Planner:
                 use_cmath = ast.unparse(node.func) == "cmath.isclose"
 
                 def isclose(vals: list[object]) -> bool | None:
-                    x, y = _value(a, vals), _value(b, vals)
+                    x, y = vals[a], vals[b]
                     if x is _FAIL or y is _FAIL:
                         return None
                     ok = (int, float, complex) if use_cmath else (int, float)
@@ -356,29 +499,23 @@ class _Planner:
 
                 return isclose
         # Anything else: the truthiness of a plain decoded value cannot be faked.
-        op = self.operand(node)
-
-        def truthy(vals: list[object]) -> bool | None:
-            x = _value(op, vals)
-            return None if x is _FAIL else bool(x)
-
-        return truthy
+        i = self.operand(node)
+        return lambda vals: None if vals[i] is _FAIL else bool(vals[i])
 
     def compare(self, node: ast.Compare) -> _Check:
         nodes = [node.left, *node.comparators]
-        for op, right in zip(node.ops, node.comparators, strict=True):
-            if isinstance(op, (ast.Is, ast.IsNot)) and not (
-                isinstance(right, ast.Constant) and right.value in (None, True, False)
+        known = [self.known(n) for n in nodes]
+        for op, value in zip(node.ops, known[1:], strict=True):
+            if isinstance(op, (ast.Is, ast.IsNot)) and not any(
+                value is s for s in (None, True, False)
             ):
-                # Identity of decoded copies is meaningless; judge the whole expression in the
-                # child (weaker, and rare: no MBPP test has this shape).
-                p = self.operand(node)
-                return lambda vals: None if (x := _value(p, vals)) is _FAIL else x is True
-        operands = [self.operand(n) for n in nodes]
+                # Identity survives the trip out of the child only for these singletons.
+                return self.whole(node)
+        idx = [self.step(n, v) for n, v in zip(nodes, known, strict=True)]
         ops = list(node.ops)
 
         def check(vals: list[object]) -> bool | None:
-            xs = [_value(o, vals) for o in operands]
+            xs = [vals[i] for i in idx]
             if any(x is _FAIL for x in xs):
                 return None
             for op, a, b in zip(ops, xs, xs[1:], strict=False):
@@ -412,38 +549,104 @@ class _Planner:
         return check
 
 
-def _value(op: _Operand, vals: list[object]) -> object:
-    return op[1] if op[0] == "const" else vals[op[1]]  # type: ignore[index]
+def _plan_test(
+    test: str, setup: str, clean: _Clean, literal_only: bool = False
+) -> tuple[tuple[_Step, ...], _Check]:
+    planner = _Planner(_setup_names(setup), clean, literal_only)
+    try:
+        body = ast.parse(test).body
+        if body and all(isinstance(s, _SPLIT_STMTS) for s in body):
+            checks = [
+                planner.expr(s.test) if isinstance(s, ast.Assert) else planner.run(s) for s in body
+            ]
+
+            def check(vals: list[object]) -> bool | None:
+                rs = [c(vals) for c in checks]
+                return None if any(r is None for r in rs) else all(rs)
+
+        else:
+            # Loops, ifs, defs...: the child's own verdict is all we can get (weakest path).
+            planner.steps = [("x", test)]
+            check = lambda vals: vals[0] is _OK  # noqa: E731
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        planner.steps = []
+        check = lambda vals: False  # noqa: E731
+    if planner.steps and not literal_only and all(k == "k" for k, _ in planner.steps):
+        # Nothing in the test names the solution, unless the solution is meant to shadow a
+        # builtin or stdlib name (a task "write max()"): then Python's own reading, with the
+        # solution's names, is the only one that tests anything. Only literals stay outside.
+        return _plan_test(test, setup, clean, literal_only=True)
+    return tuple(planner.steps), check
 
 
-_PLAN_CACHE: dict[str, tuple[tuple[tuple[str, str], ...], _Check]] = {}
+_PLAN_CACHE: dict[tuple[str, str], tuple[tuple[_Step, ...], _Check]] = {}
+_CLEAN_CACHE: dict[tuple[str, str], object] = {}  # (setup, expression) -> value or _FAIL
 _PLAN_LOCK = _thread.allocate_lock()  # not threading: keeps at-fork hooks out of workers
 
 
-def _plan(test: str) -> tuple[tuple[tuple[str, str], ...], _Check]:
-    """Probes the child must evaluate for one test, and the parent-side verdict on them."""
+def _clean_requests(test: str, setup: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Non-solution operands of a test whose value is not known yet."""
     with _PLAN_LOCK:
-        hit = _PLAN_CACHE.get(test)
+        if (test, setup) in _PLAN_CACHE:
+            return []
+    out: list[tuple[str, tuple[str, ...]]] = []
+
+    def clean(src: str, mods: tuple[str, ...]) -> object:
+        v = _CLEAN_CACHE.get((setup, src), _PENDING)
+        if v is _PENDING:
+            out.append((src, mods))
+        return v
+
+    _plan_test(test, setup, clean)
+    return out
+
+
+def _plan(test: str, setup: str) -> tuple[tuple[_Step, ...], _Check]:
+    """Steps for one test and the parent-side verdict on their values. Clean values missing
+    from the cache (their clean run failed to report) fall back to child probes, uncached."""
+    with _PLAN_LOCK:
+        hit = _PLAN_CACHE.get((test, setup))
     if hit is not None:
         return hit
-    planner = _Planner()
-    try:
-        body = ast.parse(test).body
-        if len(body) == 1 and isinstance(body[0], ast.Assert):
-            check = planner.expr(body[0].test)
-        else:
-            # Not a single assert: the child's own verdict is all we can get (weakest path).
-            planner.probes = [("x", test)]
-            check = lambda vals: vals[0] is _OK  # noqa: E731
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        planner.probes = []
-        check = lambda vals: False  # noqa: E731
-    plan = (tuple(planner.probes), check)
-    with _PLAN_LOCK:
-        if len(_PLAN_CACHE) > 65536:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[test] = plan
+    missing = False
+
+    def clean(src: str, mods: tuple[str, ...]) -> object:
+        nonlocal missing
+        v = _CLEAN_CACHE.get((setup, src), _PENDING)
+        if v is _PENDING:
+            missing = True
+            return _FAIL
+        return v
+
+    plan = _plan_test(test, setup, clean)
+    if not missing:
+        with _PLAN_LOCK:
+            if len(_PLAN_CACHE) > 65536:
+                _PLAN_CACHE.clear()
+            _PLAN_CACHE[(test, setup)] = plan
     return plan
+
+
+def _clean_job(setup: str, wanted: dict[str, tuple[str, ...]], timeout: float) -> dict:
+    """A job with no model code in it: the stdlib imports the expressions need, the dataset's
+    setup code, then the expressions."""
+    mods = sorted({m for ms in wanted.values() for m in ms})
+    code = "".join(f"import {m}\n" for m in mods)
+    return {"code": code, "setup": setup, "probes": [["v", s] for s in wanted], "timeout": timeout}
+
+
+def _store_clean(setup: str, srcs: list[str], reply: dict) -> None:
+    try:
+        vals, seen, phase_err, _ = _parse_report(reply.get("out", ""), len(srcs))
+    except (ValueError, TypeError, RecursionError):
+        vals, phase_err = [_FAIL] * len(srcs), ("code", "")
+    if phase_err is not None or "setup" not in seen:
+        vals = [_FAIL] * len(srcs)
+    with _PLAN_LOCK:
+        if len(_CLEAN_CACHE) > 65536:
+            _CLEAN_CACHE.clear()
+        for src, v in zip(srcs, vals, strict=True):
+            _CLEAN_CACHE[(setup, src)] = v
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,46 +658,51 @@ def _exc_name(x: object) -> str:
     return x if isinstance(x, str) and x in _EXC_NAMES else "Exception"
 
 
-def _score(tests: list[str], plans: list, reply: dict, timeout: float) -> Result:
-    total = len(tests)
-    nprobes = sum(len(p[0]) for p in plans)
+def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, bool]:
+    """Probe values, phases seen, the first failed phase and whether the report ended.
+    Raises ValueError (or TypeError) on anything an honest child never writes."""
     vals: list[object] = [_FAIL] * nprobes
     seen: set[object] = set()
     phase_err: tuple[str, str] | None = None
     ended = False
-    text = reply.get("out", "")
-    try:
-        if not isinstance(text, str):
+    if not isinstance(text, str):
+        raise ValueError
+    for line in text.split("\n"):
+        if not line:
+            continue
+        rec = json.loads(line)
+        if type(rec) is not list or not rec:
             raise ValueError
-        for line in text.split("\n"):
-            if not line:
-                continue
-            rec = json.loads(line)
-            if type(rec) is not list or not rec:
+        key = rec[0]
+        if type(key) is not int and key not in ("code", "setup", "end"):
+            raise ValueError
+        if key in seen or ended:
+            raise ValueError  # duplicates or records after the end: forged
+        seen.add(key)
+        if key == "end":
+            ended = True
+        elif key in ("code", "setup"):
+            if rec[1:2] != ["ok"]:
+                phase_err = (key, _exc_name(rec[2] if len(rec) > 2 else None))
+        else:
+            if not 0 <= key < nprobes or len(rec) < 2:
                 raise ValueError
-            key = rec[0]
-            if type(key) is not int and key not in ("code", "setup", "end"):
+            if rec[1] == "v" and len(rec) == 3:
+                try:
+                    vals[key] = _decode(rec[2])
+                except (ValueError, TypeError, IndexError, RecursionError):
+                    vals[key] = _FAIL
+            elif rec[1] == "ok" and len(rec) == 2:
+                vals[key] = _OK
+            elif rec[1] != "e":
                 raise ValueError
-            if key in seen or ended:
-                raise ValueError  # duplicates or records after the end: forged
-            seen.add(key)
-            if key == "end":
-                ended = True
-            elif key in ("code", "setup"):
-                if rec[1:2] != ["ok"]:
-                    phase_err = (key, _exc_name(rec[2] if len(rec) > 2 else None))
-            else:
-                if not 0 <= key < nprobes or len(rec) < 2:
-                    raise ValueError
-                if rec[1] == "v" and len(rec) == 3:
-                    try:
-                        vals[key] = _decode(rec[2])
-                    except (ValueError, TypeError, IndexError, RecursionError):
-                        vals[key] = _FAIL
-                elif rec[1] == "ok" and len(rec) == 2:
-                    vals[key] = _OK
-                elif rec[1] != "e":
-                    raise ValueError
+    return vals, seen, phase_err, ended
+
+
+def _score(plans: list, views: list, nprobes: int, reply: dict, timeout: float) -> Result:
+    total = len(plans)
+    try:
+        vals, seen, phase_err, ended = _parse_report(reply.get("out", ""), nprobes)
     except (ValueError, TypeError, RecursionError):
         return Result(0, total, "error", "malformed report from the sandboxed program")
     # Tests count only once the solution and the setup ran (this also keeps constant tests
@@ -502,14 +710,11 @@ def _score(tests: list[str], plans: list, reply: dict, timeout: float) -> Result
     ran = "setup" in seen and phase_err is None
     passed = 0
     first_fail = None
-    offset = 0
-    for i, (probes, check) in enumerate(plans):
-        n = len(probes)
+    for i, ((_, check), view) in enumerate(zip(plans, views, strict=True)):
         try:
-            ok = ran and check(vals[offset : offset + n]) is True
+            ok = ran and check([vals[x] if child else x for child, x in view]) is True
         except Exception:
             ok = False
-        offset += n
         passed += ok
         if not ok and first_fail is None:
             first_fail = i
@@ -571,7 +776,7 @@ class _Worker:
         self.wfd = self.proc.stdin.fileno()
         self.rfd = self.proc.stdout.fileno()
         self.buf = bytearray()
-        self.job: tuple | None = None
+        self.job: int | None = None
         self.deadline = 0.0
         try:
             hello = self.read_message(time.monotonic() + 60.0)
@@ -601,6 +806,16 @@ class _Worker:
             if not select.select([self.rfd], [], [], left)[0]:
                 continue
             self.feed()
+
+    def poll_reply(self) -> dict | None:
+        """The reply, if all of it has arrived; reads only what is there, never blocks."""
+        while True:
+            msg = self.take()
+            if msg is not None:
+                return msg
+            if not select.select([self.rfd], [], [], 0)[0]:
+                return None
+            self.feed()  # EOFError once the worker is gone
 
     def feed(self) -> None:
         chunk = os.read(self.rfd, 1 << 20)
@@ -664,6 +879,7 @@ class Sandbox:
         unsafe: bool = False,
         *,
         _seccomp_backend: str = "auto",
+        _user_namespace: bool = True,
     ) -> None:
         if workers is None:
             try:
@@ -675,6 +891,7 @@ class Sandbox:
         self.memory_mb = int(memory_mb)
         self.unsafe = bool(unsafe)
         self._backend = _seccomp_backend
+        self._userns = _user_namespace  # False: test the fallback where root has none
         self._lock = _thread.allocate_lock()
         self._serial = 0
         self._pool: list[_Worker] = []
@@ -706,6 +923,7 @@ class Sandbox:
                 "serial": self._serial,
                 "parent": os.getpid(),
                 "seccomp": self._backend,
+                "userns": self._userns,
             }
         )
 
@@ -741,82 +959,140 @@ class Sandbox:
 
     def _run(self, programs: list[Program]) -> list[Result]:
         results: list[Result | None] = [None] * len(programs)
-        pending = deque(range(len(programs)))
-        idle = [w for w in self._pool]
+        todo: list[tuple[int, Program, list[str]]] = []
+        for i, prog in enumerate(programs):
+            tests = [str(t) for t in prog.tests]
+            if not tests:
+                results[i] = Result(0, 0, "error", "no tests")
+            elif len(prog.code) + len(prog.setup) + sum(map(len, tests)) > _MAX_CODE:
+                results[i] = Result(0, len(tests), "error", "program too long")
+            else:
+                todo.append((i, prog, tests))
+        # First the values no solution computes, in clean children (cached across batches).
+        wanted: dict[str, dict[str, tuple[str, ...]]] = {}
+        for _, prog, tests in todo:
+            for t in tests:
+                for src, mods in _clean_requests(t, prog.setup):
+                    wanted.setdefault(prog.setup, {})[src] = mods
+        if wanted:
+            setups = list(wanted)
+            jobs = [_clean_job(s, wanted[s], self.timeout) for s in setups]
+            for setup, got in zip(setups, self._dispatch(jobs), strict=True):
+                if got[0] == "reply":
+                    _store_clean(setup, list(wanted[setup]), got[1])
+        # Then the programs; the parent scores them only after every deadline was handled.
+        jobs, specs = [], []
+        for i, prog, tests in todo:
+            plans = [_plan(t, prog.setup) for t in tests]
+            probes: list[list] = []
+            views = []
+            for steps, _ in plans:
+                view = []
+                for kind, x in steps:
+                    if kind == "k":
+                        view.append((False, x))
+                    else:
+                        probes.append([kind, x])
+                        view.append((True, len(probes) - 1))
+                views.append(view)
+            job = {"code": prog.code, "setup": prog.setup, "probes": probes}
+            job["timeout"] = self.timeout
+            jobs.append(job)
+            specs.append((i, plans, views, len(probes)))
+        for (i, plans, views, nprobes), got in zip(specs, self._dispatch(jobs), strict=True):
+            if got[0] == "reply":
+                results[i] = _score(plans, views, nprobes, got[1], self.timeout)
+            elif got[0] == "timeout":
+                results[i] = Result(0, len(plans), "timeout", f"timed out after {self.timeout:g}s")
+            else:
+                results[i] = Result(0, len(plans), "error", "sandbox worker died")
+        return [r if r is not None else Result(0, 0, "error", "not run") for r in results]
+
+    def _dispatch(self, jobs: list[dict]) -> list[tuple]:
+        """Run jobs on the pool: ("reply", msg), ("timeout",) or ("died",) per job.
+
+        The loop only moves bytes and parses the workers' framed JSON (linear); nothing here
+        looks inside a report, so no report can make another job miss its deadline. A job
+        whose worker died under it is retried once on a fresh worker: the death may not be
+        the job's fault, and a job that kills workers only gets two tries.
+        """
+        out: list[tuple | None] = [None] * len(jobs)
+        tries = [0] * len(jobs)
+        pending = deque(range(len(jobs)))
+        idle = list(self._pool)
         busy: dict[int, _Worker] = {}
+
+        def lost(w: _Worker, why: str) -> None:
+            i = w.job
+            w.job = None
+            if i is not None:
+                tries[i] += 1
+                if why == "died" and tries[i] < 2:
+                    pending.appendleft(i)
+                else:
+                    out[i] = (why,)
+            fresh = self._replace(w)
+            if fresh is not None:
+                idle.append(fresh)
+            if not self._pool:
+                raise RuntimeError("no sandbox workers left")
+
+        def collect(w: _Worker) -> bool:
+            try:
+                msg = w.poll_reply()
+            except Exception:
+                del busy[w.rfd]
+                lost(w, "died")
+                return True
+            if msg is None:
+                return False
+            del busy[w.rfd]
+            out[w.job] = ("reply", msg)  # type: ignore[index]
+            w.job = None
+            if msg.get("retire"):  # it could not restore its scratch space: start afresh
+                fresh = self._replace(w)
+                if fresh is not None:
+                    idle.append(fresh)
+            else:
+                idle.append(w)
+            return True
+
         while pending or busy:
             while pending and idle:
                 i = pending.popleft()
-                prog = programs[i]
-                tests = [str(t) for t in prog.tests]
-                if not tests:
-                    results[i] = Result(0, 0, "error", "no tests")
-                    continue
-                if len(prog.code) + len(prog.setup) + sum(map(len, tests)) > _MAX_CODE:
-                    results[i] = Result(0, len(tests), "error", "program too long")
-                    continue
-                plans = [_plan(t) for t in tests]
-                probes = [p for plan in plans for p in plan[0]]
                 w = idle.pop()
-                job = {"code": prog.code, "setup": prog.setup, "probes": probes}
-                job["timeout"] = self.timeout
                 try:
                     if w.proc.poll() is not None:
                         raise OSError("worker exited")
-                    _send(w.wfd, job)
+                    _send(w.wfd, jobs[i])
                 except OSError:
-                    # The worker died between programs: this program is not to blame.
-                    pending.appendleft(i)
-                    fresh = self._replace(w, results, "error", "sandbox worker died")
-                    if fresh is not None:
-                        idle.append(fresh)
-                    if not self._pool:
-                        raise RuntimeError("no sandbox workers left") from None
+                    pending.appendleft(i)  # never reached a worker: costs no try
+                    lost(w, "died")
                     continue
-                w.job = (i, tests, plans)
+                w.job = i
                 w.deadline = time.monotonic() + self.timeout + _WORKER_GRACE
                 busy[w.rfd] = w
             if not busy:
                 break
-            now = time.monotonic()
-            wait = max(0.0, min(w.deadline for w in busy.values()) - now)
+            wait = max(0.0, min(w.deadline for w in busy.values()) - time.monotonic())
             ready, _, _ = select.select(list(busy), [], [], wait)
             for fd in ready:
-                w = busy[fd]
-                try:
-                    w.feed()
-                    msg = w.take()
-                except Exception:
-                    del busy[fd]
-                    fresh = self._replace(w, results, "error", "sandbox worker died")
-                    if fresh is not None:
-                        idle.append(fresh)
+                w = busy.get(fd)  # type: ignore[assignment]
+                if w is None:  # replaced earlier in this loop (its fd number may be reused)
                     continue
-                if msg is not None:
-                    i, tests, plans = w.job  # type: ignore[misc]
-                    results[i] = _score(tests, plans, msg, self.timeout)
-                    w.job = None
-                    del busy[fd]
-                    idle.append(w)
+                before = len(w.buf)
+                if not collect(w) and len(w.buf) > before:
+                    w.deadline = max(w.deadline, time.monotonic() + _WORKER_GRACE)
             now = time.monotonic()
-            for fd, w in list(busy.items()):
-                if now >= w.deadline:
-                    del busy[fd]
-                    fresh = self._replace(
-                        w, results, "timeout", f"timed out after {self.timeout:g}s"
-                    )
-                    if fresh is not None:
-                        idle.append(fresh)
-            if not self._pool:
-                raise RuntimeError("no sandbox workers left")
-        return [r if r is not None else Result(0, 0, "error", "not run") for r in results]
+            for w in [w for w in busy.values() if now >= w.deadline]:
+                # A reply may be waiting that this loop has not read yet: that is no timeout.
+                if not collect(w):
+                    del busy[w.rfd]
+                    lost(w, "timeout")
+        return out  # type: ignore[return-value]
 
-    def _replace(self, w: _Worker, results: list, status: str, detail: str) -> _Worker | None:
-        """Kill a worker that died or stopped answering, fail its program, start a new one."""
-        if w.job is not None:
-            i, tests, _ = w.job
-            results[i] = Result(0, len(tests), status, detail)
-            w.job = None
+    def _replace(self, w: _Worker) -> _Worker | None:
+        """Kill a worker that died or stopped answering and start a new one."""
         w.kill()
         self._pool.remove(w)
         try:
@@ -884,6 +1160,12 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "syslog": (103, 116), "settimeofday": (164, 170), "clock_settime": (227, 112),
     "adjtimex": (159, 171), "clock_adjtime": (305, 266), "iopl": (172, None),
     "ioperm": (173, None), "fanotify_init": (300, 262), "vhangup": (153, 58),
+    # SysV and POSIX IPC: objects outlive the process (and pin memory) and reach other programs.
+    "shmget": (29, 194), "shmat": (30, 196), "shmctl": (31, 195), "shmdt": (67, 197),
+    "semget": (64, 190), "semop": (65, 193), "semctl": (66, 191), "semtimedop": (220, 192),
+    "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
+    "mq_open": (240, 180), "mq_unlink": (241, 181), "mq_timedsend": (242, 182),
+    "mq_timedreceive": (243, 183), "mq_notify": (244, 184), "mq_getsetattr": (245, 185),
 }
 # fmt: on
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -1125,47 +1407,61 @@ class _WorkerState:
         self.layers = {k: False for k in _LAYER_ORDER}
         self.info: dict = {}
         self.base = ""
+        self.base_mode = 0o700
         self.cleanup: str | None = None
         self.bpf: bytes | None = None
         self.null_fd = -1
         self.serial = 0
+        self.child_ids: tuple[int, int] | None = None  # (uid, gid) a child switches to
+        self.shared_tmp: list[str] = []  # private tmpfs dirs the child may write to as well
         self.setup(config)
 
     def setup(self, config: dict) -> None:
         linux = sys.platform.startswith("linux")
         libc = _libc() if linux else None
         import shutil  # the worker's own needs, while the interpreter is surely readable
+        import stat
 
-        self.shutil = shutil
+        self.shutil, self.stat = shutil, stat
         for name in _PREIMPORT:
             try:
                 __import__(name)
             except Exception:
                 pass
         root = os.geteuid() == 0
-        uid = 0x7E000000 + ((int(config["parent"]) & 0xFFFF) << 6) + (int(config["serial"]) & 63)
-        newns, newnet, newuser = 0x00020000, 0x40000000, 0x10000000
-        if linux and root:
-            if libc.unshare(newnet | newns) == 0:
-                self.layers["netns"] = True
-                self.mntns = True
-        elif linux:
-            # Unprivileged: a user namespace makes network and mount namespaces possible.
+        # Two host uids per worker: its own and its children's.
+        uid = (
+            0x7E000000
+            + ((int(config["parent"]) & 0xFFFF) << 7)
+            + ((int(config["serial"]) & 63) << 1)
+        )
+        newns, newnet, newuser, newipc = 0x00020000, 0x40000000, 0x10000000, 0x08000000
+        helper = self.id_map_helper(uid) if linux and root and config.get("userns") else None
+        if linux:
+            # Unprivileged, a user namespace makes the other namespaces possible.
+            first = newnet | newns if root else newuser | newnet | newns
             outer_uid, outer_gid = os.getuid(), os.getgid()
-            if libc.unshare(newuser | newnet | newns) == 0:
+            for flags in (first | newipc, first):  # a kernel may lack IPC namespaces
+                if libc.unshare(flags) == 0:
+                    break
+            else:
+                flags = 0
+            if flags and not root:
                 try:
                     _write_file("/proc/self/setgroups", "deny")
                     _write_file("/proc/self/uid_map", f"0 {outer_uid} 1")
                     _write_file("/proc/self/gid_map", f"0 {outer_gid} 1")
-                    self.layers["netns"] = True
-                    self.mntns = True
                 except OSError:
-                    pass
+                    flags = 0
+            self.layers["netns"] = self.mntns = bool(flags)
+            self.layers["ipcns"] = bool(flags & newipc)
         if getattr(self, "mntns", False):
             self.layers["mntns"] = self.private_mounts(libc, uid if root else None)
         if self.layers["mntns"]:
             self.base = "/tmp/sandbox"
             os.mkdir(self.base, 0o700)
+            if not root:  # mode 1777 there: emptied after every program like the scratch dir
+                self.shared_tmp = ["/tmp", "/dev/shm"]
         else:
             import tempfile
 
@@ -1199,14 +1495,25 @@ class _WorkerState:
                         os._exit(1)
                 self.layers["seccomp"] = os.waitpid(pid, 0)[1] == 0
             if root:
-                try:
-                    os.setgroups([])
-                    os.setresgid(uid, uid, uid)
-                    os.setresuid(uid, uid, uid)
-                    self.layers["uid"] = os.getuid() == uid and os.geteuid() == uid
+                if helper is not None and self.enter_userns(libc, *helper):
+                    # Root of a user namespace that maps just our two host uids: the caps it
+                    # keeps there reach only those uids' processes and files (its network,
+                    # mount and IPC namespaces belong to the host's root).
+                    self.child_ids = (1, 1)
+                    self.base_mode = 0o711  # the child may traverse it, never change it
+                    self.info["uid"] = uid + 1
+                    self.layers["uid"] = True
+                else:  # no user namespace: worker and children share one unprivileged uid
+                    try:
+                        os.setgroups([])
+                        os.setresgid(uid, uid, uid)
+                        os.setresuid(uid, uid, uid)
+                    except OSError:
+                        sys.exit("cannot drop privileges")
                     self.info["uid"] = uid
-                except OSError:
-                    sys.exit("cannot drop privileges")
+                    self.layers["uid"] = os.getuid() == uid and os.geteuid() == uid
+                self.info["worker_uid"] = uid
+                os.chmod(self.base, self.base_mode)
             else:
                 try:
                     _drop_caps()
@@ -1231,16 +1538,60 @@ class _WorkerState:
         self.layers["deadline"] = True
         self.info.update(layers=self.layers, cleanup=self.cleanup, pid=os.getpid())
 
+    @staticmethod
+    def id_map_helper(first: int) -> tuple[int, int] | None:
+        """Fork, while still root in the host's namespaces, a helper that will map host uids
+        `first` (as 0) and `first + 1` (as 1) into our user namespace once we made it: only a
+        process privileged outside it may map more than its own uid."""
+        worker = os.getpid()
+        try:
+            r, w = os.pipe()
+            pid = os.fork()
+        except OSError:
+            return None
+        if pid == 0:  # pragma: no cover - helper
+            try:
+                os.close(w)
+                if os.read(r, 1) == b"m":
+                    for name in ("uid_map", "gid_map"):
+                        _write_file(f"/proc/{worker}/{name}", f"0 {first} 1\n1 {first + 1} 1\n")
+                    os._exit(0)
+            except BaseException:
+                pass
+            os._exit(1)
+        os.close(r)
+        return pid, w
+
+    @staticmethod
+    def enter_userns(libc, helper: int, go: int) -> bool:  # noqa: ANN001
+        newuser = 0x10000000
+        ok = libc.unshare(newuser) == 0
+        try:
+            os.write(go, b"m" if ok else b"x")
+        except OSError:
+            ok = False
+        os.close(go)
+        ok = os.waitpid(helper, 0)[1] == 0 and ok
+        if not ok:
+            return False
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        return os.getuid() == 0
+
     def private_mounts(self, libc, uid: int | None) -> bool:  # noqa: ANN001
         """Fresh tmpfs on /tmp and /dev/shm, /proc hidden, stdlib re-exposed read-only."""
         ms_rdonly, ms_nosuid, ms_nodev, ms_remount = 1, 2, 4, 32
         ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
         if libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0:
             return False
-        opts = b"size=64m,mode=1777"
+        # As root, children run under a uid of their own that may not write here (POSIX shared
+        # memory and semaphores are files in /dev/shm); only the scratch dir is theirs.
+        mode = b"1777" if uid is None else b"755"
+        opts = b"size=64m,mode=" + mode
         if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ms_nosuid | ms_nodev, opts) != 0:
             return False
-        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, b"size=16m,mode=1777")
+        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, b"size=16m,mode=" + mode)
         if uid is not None:
             # The sandbox uid may not be able to traverse to the interpreter (e.g. a pyenv under
             # /root, mode 0700); bind the import path somewhere it can read.
@@ -1275,21 +1626,35 @@ class _WorkerState:
     def hello(self) -> dict:
         return self.info
 
-    def wipe_base(self) -> None:
-        for entry in os.scandir(self.base):
-            if entry.is_dir(follow_symlinks=False):
-                self.shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(entry.path)
-                except OSError:
-                    pass
+    def remove(self, path: str) -> None:
+        """Remove what a child left, whatever modes it set: the worker owns it (same uid) or
+        may override its modes (root of the user namespace the child's uid lives in)."""
+        if not self.stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return
+        stack = [path]
+        while stack:  # make every directory listable and writable first, without recursion
+            d = stack.pop()
+            os.chmod(d, 0o700)
+            with os.scandir(d) as entries:
+                stack += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        self.shutil.rmtree(path)
 
-    def run_job(self, job: dict) -> dict:
-        timeout = float(job.get("timeout", 5.0))
+    def fresh_scratch(self) -> str:
+        """A new, empty directory for the next program, whatever the last one did."""
+        os.chmod(self.base, self.base_mode)
+        for entry in os.scandir(self.base):
+            self.remove(entry.path)
         self.serial += 1
         scratch = os.path.join(self.base, str(self.serial))
         os.mkdir(scratch, 0o700)
+        if self.child_ids is not None:
+            os.chown(scratch, *self.child_ids)
+        return scratch
+
+    def run_job(self, job: dict) -> dict:
+        timeout = float(job.get("timeout", 5.0))
+        scratch = self.fresh_scratch()  # raises if it cannot: the worker dies, the job is retried
         r, w = os.pipe()
         start = time.monotonic()
         pid = os.fork()
@@ -1361,7 +1726,15 @@ class _WorkerState:
         os.close(r)
         if pidfd >= 0:
             os.close(pidfd)
-        self.wipe_base()
+        try:
+            self.remove(scratch)
+            for d in self.shared_tmp:
+                for entry in os.scandir(d):
+                    if entry.path != self.base:
+                        self.remove(entry.path)
+            retire = bool(os.listdir(self.base))
+        except Exception:  # e.g. a tree too deep to remove: a fresh worker gets a fresh base
+            retire = True
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
         if sig == signal.SIGXCPU:
             timed_out = True
@@ -1371,6 +1744,7 @@ class _WorkerState:
             "overflow": overflow,
             "signal": sig,
             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "retire": retire,
         }
 
     def child(self, job: dict, report: int, scratch: str, timeout: float) -> None:
@@ -1398,6 +1772,10 @@ class _WorkerState:
             for what, value in limits:
                 hard = value + 1 if what == resource.RLIMIT_CPU else value
                 resource.setrlimit(what, (value, hard))
+            if self.child_ids is not None:
+                uid, gid = self.child_ids
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)  # leaves every capability behind
             os.environ.clear()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             if self.layers["seccomp"]:
@@ -1469,7 +1847,10 @@ def _worker_main(config_json: str) -> None:
         body = _read_exact(0, n)
         if body is None:
             return
-        _send(1, state.run_job(json.loads(body)))
+        reply = state.run_job(json.loads(body))
+        _send(1, reply)
+        if reply["retire"]:
+            return
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:

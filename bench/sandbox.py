@@ -75,6 +75,7 @@ def main() -> None:
     print(f"sandbox:    {sb_rate:7.1f} programs/s  ({sb_ok}/{n} passed)")
     print(f"subprocess: {sp_rate:7.1f} programs/s  ({sum(plain)}/{n} passed, no isolation)")
     print(f"one 512-completion batch through the sandbox: {512 / sb_rate:.2f} s")
+    print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"ratio sandbox/subprocess: {sb_rate / sp_rate:.2f}x")
 
 

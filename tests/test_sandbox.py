@@ -241,7 +241,7 @@ def test_correct_programs_pass_with_counts(sb):
         Program("def f(x):\n    return x * 2\n", ["assert f(1) == 2", "assert f(2) == 3"]),
         Program("def f(x):\n    return [x, (x, {x: {x}})]", ["assert f(1) == [1, (1, {1: {1}})]"]),
         Program("import math\ndef f(x):\n    return math.sqrt(x)", ["assert f(2) == 2 ** 0.5"]),
-        Program("def f(x):\n    return 0.1 + 0.2", ["assert f(0) == 0.3"]),
+        Program("def f(x):\n    return 0.1 + 0.2", ["assert f(0) == 0.3"]),  # False in Python
         Program("def f(x):\n    return x == 1", ["assert f(1) == True", "assert not f(2)"]),
         Program("def f(x):\n    return 3.0", ["assert f(0) == 3", "assert f(0) > 2.5"]),
         Program("def f(x):\n    return 10**5000", ["assert f(0) == 10**5000 // 1"]),
@@ -263,7 +263,7 @@ def test_correct_programs_pass_with_counts(sb):
         (1, 2, "failed"),
         (1, 1, "passed"),
         (1, 1, "passed"),
-        (1, 1, "passed"),
+        (0, 1, "failed"),
         (2, 2, "passed"),
         (2, 2, "passed"),
         (1, 1, "passed"),
@@ -381,7 +381,7 @@ def test_close_leaves_nothing_behind():
 
 @pytest.mark.skipif(not IS_ROOT, reason="the full layer set needs root")
 def test_layers_as_root(sb):
-    for layer in ("rlimits", "clean-env", "deadline", "seccomp", "netns", "uid"):
+    for layer in ("rlimits", "clean-env", "deadline", "seccomp", "netns", "ipcns", "uid"):
         assert sb.layers[layer], layer
     if code_sandbox._landlock_abi() > 0:
         assert sb.layers["landlock"]
