@@ -13,7 +13,9 @@ Read it top to bottom; it follows the pipeline:
                          math_grader.py and code_sandbox.py, which run model output in
                          isolated worker processes)
     5. Evaluation      - pass@k / maj@k / mean@k on the eval split (try not to modify)
-    6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify)
+    6. Trainer         - GRPOConfig + GRPOTrainer wiring (try not to modify); dynamic sampling and
+                         the per-step time breakdown are a small GRPOTrainer subclass in
+                         grpo_extensions.py
     7. Main            - start-up checks, then the modes: train, --smoke, --demo, --dry-run,
                          --eval-only, --score, --verify-gold, --plot, --compare (runs side by
                          side, in compare.py)
@@ -59,7 +61,7 @@ class Config:
     # --- task and data ---
     dataset: str = "gsm8k"  # gsm8k | math | mbpp
     data_dir: str = ""  # DIR/{train,test,validation}.{jsonl,parquet}, Hub schema; "" = Hub
-    eval_split: str = ""  # "" = the dataset's default (gsm8k: test, math: validation, mbpp: test)
+    eval_split: str = ""  # "" = default (gsm8k: test, math: validation, mbpp: test); or math500
     max_train_samples: int = 0  # 0 = the whole split
     max_eval_samples: int = 0  # 0 = the whole split
     system_prompt: str = "You are a helpful assistant."
@@ -88,6 +90,11 @@ class Config:
     epsilon: float = 0.2  # lower clip
     epsilon_high: float = 0.28  # upper clip (DAPO's clip-higher)
     loss_type: str = "dapo"  # any TRL loss_type: dapo | grpo | dr_grpo | bnpo | cispo | ...
+    dynamic_sampling: bool = False  # drop groups with all-equal rewards and refill (DAPO)
+    dynamic_sampling_max_rounds: int = 4  # generation rounds per batch at most, the first included
+    mask_truncated: bool = False  # truncated completions get no loss (DAPO's overlong filtering)
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0 = off
+    overlong_penalty: float = 1.0  # the penalty at max_completion_length (weight of "overlong")
     # --- rewards ---
     correctness_weight: float = 1.0
     format_weight: float = 0.1
@@ -343,6 +350,12 @@ def validate(cfg: Config) -> None:
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
     need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
     cpu_threads(cfg)  # a bad OMP_NUM_THREADS is a config error too
+    need(cfg.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds: must be >= 1")
+    need(
+        0 <= cfg.overlong_buffer <= cfg.max_completion_length,
+        "overlong_buffer: must be between 0 and max_completion_length",
+    )
+    need(cfg.overlong_penalty >= 0, "overlong_penalty: must be >= 0")
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
     if cfg.report_to == "wandb":
         need(
@@ -437,6 +450,15 @@ class DataError(Exception):
 
 
 @dataclass(frozen=True)
+class Source:
+    """A split with its own Hub dataset and schema (MATH-500); locally DIR/<split>.jsonl."""
+
+    hub_path: str
+    hub_split: str
+    fields: tuple[str, ...]  # required in every row, instead of the task's own
+
+
+@dataclass(frozen=True)
 class Task:
     """How one dataset becomes prompts, golds and gold completions."""
 
@@ -446,13 +468,14 @@ class Task:
     hub_configs: tuple[str | None, ...]  # loaded and concatenated (MATH has one per subject)
     splits: tuple[str, ...]
     eval_split: str
-    fields: tuple[str, ...]  # required in every row
+    fields: tuple[str, ...]  # required in every row (plus stratify_by in a train file to carve)
     instruction: str  # the default; Config.instruction replaces it
     user: Callable[[dict, str], str]  # (row, instruction) -> the user message
     gold: Callable[[dict], str]  # row -> what the correctness reward compares against
     gold_completion: Callable[[dict], str]  # row -> the gold solution as a model would answer
     carve_validation: int = 0  # rows carved from train into "validation" (stratified, fixed seed)
     stratify_by: str = ""
+    sources: dict[str, Source] = dataclasses.field(default_factory=dict)  # splits from elsewhere
 
 
 def _gsm8k_gold(row: dict) -> str:
@@ -463,6 +486,13 @@ def _gsm8k_gold_completion(row: dict) -> str:
     reasoning = row["answer"].rsplit("####", 1)[0].strip()
     reasoning = re.sub(r"<<[^>]*>>", "", reasoning)  # GSM8K's calculator annotations
     return f"{reasoning}\nThe final answer is \\boxed{{{_gsm8k_gold(row)}}}."
+
+
+def _math_gold(row: dict) -> str:
+    # MATH-500 rows carry the final answer; hendrycks rows have only the solution's last \boxed{}.
+    if row.get("answer") not in (None, ""):
+        return str(row["answer"])
+    return math_grader().gold_from_solution(row["solution"], "math")
 
 
 def _mbpp_tests(row: dict) -> list[str]:
@@ -505,15 +535,18 @@ TASKS: dict[str, Task] = {
             "prealgebra",
             "precalculus",
         ),
-        splits=("train", "validation", "test"),
+        splits=("train", "validation", "test", "math500"),
         eval_split="validation",
-        fields=("problem", "solution", "type"),
+        fields=("problem", "solution"),
         instruction=MATH_INSTRUCTION,
         user=_math_user("problem"),
-        gold=lambda row: math_grader().gold_from_solution(row["solution"], "math"),
+        gold=_math_gold,
         gold_completion=lambda row: row["solution"],
         carve_validation=500,
         stratify_by="type",
+        sources={
+            "math500": Source("HuggingFaceH4/MATH-500", "test", ("problem", "solution", "answer"))
+        },
     ),
     "mbpp": Task(
         name="mbpp",
@@ -548,6 +581,10 @@ def build_prompt(cfg: Config, task: Task, tokenizer, row: dict) -> str:
 
 
 def _read_split(cfg: Config, task: Task, split: str) -> list[dict]:
+    src = task.sources.get(split)
+    fields = src.fields if src else task.fields
+    if task.carve_validation and split == "train":
+        fields += (task.stratify_by,)  # the carve stratifies by it
     if cfg.data_dir:
         base = Path(cfg.data_dir)
         path = next(
@@ -573,21 +610,26 @@ def _read_split(cfg: Config, task: Task, split: str) -> list[dict]:
     else:
         import datasets
 
+        hub_path, configs, hub_split = (
+            (src.hub_path, (None,), src.hub_split)
+            if src
+            else (task.hub_path, task.hub_configs, split)
+        )
         rows = []
-        for config in task.hub_configs:
+        for config in configs:
             try:
-                rows += datasets.load_dataset(task.hub_path, config, split=split).to_list()
+                rows += datasets.load_dataset(hub_path, config, split=hub_split).to_list()
             except Exception as e:  # offline, typo, gated: say so in one line
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(
-                    f"cannot load {task.hub_path} ({config}, {split}) from the Hub: {first}; "
+                    f"cannot load {hub_path} ({config}, {hub_split}) from the Hub: {first}; "
                     "use --data-dir DIR for local files"
                 ) from None
-        source = task.hub_path
+        source = hub_path
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{source}: row {i}: not a JSON object")
-        for name in task.fields:
+        for name in fields:
             if row.get(name) in (None, ""):
                 raise DataError(f"{source}: row {i}: missing field {name!r}")
     return rows
@@ -870,6 +912,27 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 def reward_weights(cfg: Config) -> list[float]:
     return [cfg.correctness_weight, cfg.format_weight]
+
+
+def training_rewards(
+    cfg: Config, task: Task, stop_ids: set[int] | frozenset[int] = frozenset()
+) -> tuple[list[Callable], list[float]]:
+    """What the trainer optimizes: the task rewards, plus DAPO's soft overlong penalty when
+    overlong_buffer > 0: 0 up to max_completion_length - overlong_buffer tokens, then falling
+    linearly to -1 at max_completion_length, weighted by overlong_penalty. It is length shaping,
+    not grading, so evaluation, --score and --verify-gold report the task rewards only."""
+    funcs, weights = make_reward_funcs(cfg, task, stop_ids), reward_weights(cfg)
+    if cfg.overlong_buffer:
+        from trl.rewards import get_soft_overlong_punishment
+
+        penalty = get_soft_overlong_punishment(cfg.max_completion_length, cfg.overlong_buffer)
+
+        def overlong(completion_ids: list[list[int]], **_) -> list[float]:  # logged as "overlong"
+            return penalty(completion_ids)
+
+        funcs.append(overlong)
+        weights.append(cfg.overlong_penalty)
+    return funcs, weights
 
 
 def score_completions(
@@ -1309,28 +1372,145 @@ def read_log(output_dir: str) -> tuple[list[dict], list[dict]]:
     return history, evals
 
 
-def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
-    """A PNG of training reward and eval metrics over steps."""
+def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
+    """Six panels: training reward by component, completion length and truncation, clip and
+    importance-sampling ratios, where each step's time went, group filtering, and evaluation with
+    95 % bands (the "ci95" of output_dir/eval/step_*.json, where present). A panel whose metrics
+    were not logged says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    train = [(h["step"], h["reward"]) for h in log_history if "reward" in h]
-    if train:
-        ax1.plot(*zip(*train, strict=True), marker=".")
-    ax1.set(title="training reward (mean)", xlabel="step")
-    for key in [
-        k for k in (evals[-1] if evals else {}) if k.startswith(("pass@", "mean@", "maj@"))
-    ]:
-        ax2.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", label=key)
-    ax2.set(title="evaluation", xlabel="step", ylim=(0, 1))
-    if evals:
-        ax2.legend()
-    fig.tight_layout()
+    def series(key: str) -> tuple[list, list]:
+        pts = [(h["step"], h[key]) for h in log_history if h.get(key) is not None and "step" in h]
+        return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+    def lines(ax, keys: dict[str, str], **kw) -> bool:
+        drawn = False
+        for key, label in keys.items():
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, marker=".", label=label, **kw)
+                drawn = True
+        return drawn
+
+    def finish(ax, drawn: bool, title: str, ylabel: str = "") -> None:
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if drawn:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    (ax_r, ax_len, ax_clip), (ax_t, ax_g, ax_e) = axes
+    keys = sorted(
+        {k for h in log_history for k in h if k.startswith("rewards/") and k.endswith("/mean")}
+    )
+    drawn = lines(ax_r, {"reward": "total (weighted)"}, linewidth=2)
+    drawn |= lines(ax_r, {k: k.split("/")[1] for k in keys})
+    finish(ax_r, drawn, "training reward by component (mean)")
+
+    drawn = lines(
+        ax_len,
+        {
+            "completions/mean_length": "mean length",
+            "completions/mean_terminated_length": "mean length, ended ones",
+        },
+    )
+    x, y = series("completions/clipped_ratio")
+    if x:
+        twin = ax_len.twinx()
+        twin.plot(x, y, "r--", marker=".", label="truncated rate")
+        twin.set(ylim=(0, 1), ylabel="truncated rate")
+        twin.legend(fontsize=7, loc="lower right")
+    finish(ax_len, drawn or bool(x), "completion length (tokens) and truncation", "tokens")
+
+    drawn = lines(
+        ax_clip,
+        {f"clip_ratio/{k}_mean": f"clip {k}" for k in ("low", "high", "region")},
+    )
+    x, y = series("sampling/importance_sampling_ratio/mean")
+    if x:
+        twin = ax_clip.twinx()
+        twin.plot(x, y, "k:", marker=".", label="IS ratio (mean)")
+        lo, hi = (
+            series("sampling/importance_sampling_ratio/min")[1],
+            series("sampling/importance_sampling_ratio/max")[1],
+        )
+        if len(lo) == len(hi) == len(x):
+            twin.fill_between(x, lo, hi, color="k", alpha=0.1, label="IS ratio min-max")
+        twin.set(ylabel="vLLM importance-sampling ratio")
+        twin.legend(fontsize=7, loc="lower right")
+    finish(ax_clip, drawn or bool(x), "clipped token share and importance sampling", "share")
+
+    drawn = False
+    steps, bottom = series("time/step")[0], None
+    # The parts of time/step, in the order the trainer logs them (grpo_extensions.TIME_KEYS).
+    parts = dict.fromkeys(k for h in log_history for k in h if k.startswith("time/"))
+    for part in [k for k in parts if k != "time/step"]:
+        x, y = series(part)
+        if x:
+            ax_t.bar(x, y, bottom=bottom, label=part.removeprefix("time/"))
+            bottom = y if bottom is None else [a + b for a, b in zip(bottom, y, strict=True)]
+            drawn = True
+    x, y = series("generation/tokens_per_s")
+    if x:
+        twin = ax_t.twinx()
+        twin.plot(x, y, "k", marker=".", label="generated tokens/s")
+        twin.set(ylabel="generated tokens/s")
+        twin.legend(fontsize=7, loc="upper right")
+    finish(ax_t, drawn, f"time per step ({len(steps)} steps)", "seconds")
+
+    drawn = lines(
+        ax_g,
+        {
+            "frac_reward_zero_std": "zero-variance groups",
+            "dynamic_sampling/dropped_frac": "dropped",
+        },
+    )
+    x, y = series("dynamic_sampling/rounds")
+    if x:
+        twin = ax_g.twinx()
+        twin.plot(x, y, "k:", marker="s", label="generation rounds")
+        twin.set(ylabel="generation rounds")
+        twin.legend(fontsize=7, loc="lower right")
+    finish(ax_g, drawn, "groups without reward variance (share)", "share")
+    ax_g.set_ylim(0, 1)
+
+    bands: dict[int, dict] = {}
+    for e in evals:
+        path = Path(output_dir) / "eval" / f"step_{e['step']:05d}.json"
+        if path.exists():
+            bands[e["step"]] = json.loads(path.read_text()).get("ci95") or {}
+    metrics = [k for k in (evals[-1] if evals else {}) if k.startswith(("pass@", "mean@", "maj@"))]
+    for key in metrics:
+        x = [e["step"] for e in evals if key in e]
+        (line,) = ax_e.plot(x, [e[key] for e in evals if key in e], marker="o", label=key)
+        ci = [(s, bands[s][key]) for s in x if key in bands.get(s, {})]
+        if ci:
+            ax_e.fill_between(
+                [s for s, _ in ci],
+                [b[0] for _, b in ci],
+                [b[1] for _, b in ci],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+    finish(ax_e, bool(metrics), "evaluation (bands: 95 % CI where computed)")
+    ax_e.set_ylim(0, 1)
+    fig.tight_layout(w_pad=3)
+    return fig
+
+
+def plot_metrics(output_dir: str, log_history: list[dict], evals: list[dict]) -> Path:
+    """output_dir/metrics.png: the six panels of metrics_figure in one file."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(output_dir, log_history, evals)
     path = Path(output_dir) / "metrics.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -1560,6 +1740,7 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
         loss_type=cfg.loss_type,
+        mask_truncated_completions=cfg.mask_truncated,
         reward_weights=weights,
         use_vllm=use_vllm,
         vllm_mode=cfg.vllm_mode if use_vllm else "server",
@@ -1638,7 +1819,8 @@ def make_eval_callback(cfg: Config, task: Task, examples: list[dict], tokenizer,
         def on_step_end(self, args, state, control, **kw):
             last = state.global_step >= state.max_steps
             if last or (cfg.eval_every and state.global_step % cfg.eval_every == 0):
-                self.run(state, control, args, whole=last)
+                with self.trainer.clock.section("eval"):  # logged as time/eval
+                    self.run(state, control, args, whole=last)
 
     return EvalCallback()
 
@@ -1652,9 +1834,11 @@ def build_trainer(
     weights: list[float] | None = None,
     callbacks: list = (),
 ):
-    """GRPOTrainer over `train_examples` ({"prompt", "gold", "row"}) with these reward functions."""
+    """GRPOTrainer over `train_examples` ({"prompt", "gold", "row"}) with these reward functions;
+    the subclass in grpo_extensions.py adds dynamic sampling and the time/* breakdown."""
     from datasets import Dataset
-    from trl import GRPOTrainer
+
+    from grpo_extensions import GRPOTrainerPlus
 
     peft_config = None
     if cfg.lora_r > 0:
@@ -1666,7 +1850,7 @@ def build_trainer(
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    return GRPOTrainer(
+    return GRPOTrainerPlus(
         model=model,
         reward_funcs=reward_funcs,
         args=grpo_config(cfg, weights),
@@ -1674,6 +1858,8 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=list(callbacks),
+        dynamic_sampling=cfg.dynamic_sampling,
+        max_rounds=cfg.dynamic_sampling_max_rounds,
     )
 
 
@@ -1828,8 +2014,8 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     callbacks = [make_log_callback(cfg)]  # first, so the baseline evaluation follows train_begin
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
-    funcs = make_reward_funcs(cfg, task, stop_token_ids(model, tokenizer))
-    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, reward_weights(cfg), callbacks)
+    funcs, weights = training_rewards(cfg, task, stop_token_ids(model, tokenizer))
+    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
     for cb in callbacks:
         cb.trainer = trainer
     if trainer.accelerator.is_main_process:

@@ -89,3 +89,54 @@ def test_hub_loading_offline_is_one_clear_error(clean_env):
     cfg = T.resolve_config(["--dataset", "gsm8k", "--output-dir", "o"])
     with pytest.raises(T.DataError, match="openai/gsm8k.*--data-dir"):
         T.load_rows(cfg, T.TASKS["gsm8k"], "test")
+
+
+MATH500 = FIXTURES / "math500_schema"  # bundled MATH rows in MATH-500's schema (not MATH-500)
+
+
+def test_math500_split_reads_its_own_schema_with_gold_from_answer(clean_env, tmp_path, tokenizer):
+    cfg = _cfg("--dataset", "math", "--data-dir", str(MATH500), "--eval-split", "math500")
+    rows = T.load_rows(cfg, T.TASKS["math"], "math500")
+    assert len(rows) == 500 and "type" not in rows[0]
+    assert set(rows[0]) == {"problem", "solution", "answer", "subject", "level", "unique_id"}
+    # The gold is the answer field, even where the solution's \boxed{} says something else.
+    row = dict(rows[0], solution="So it is \\boxed{5}.", answer="\\frac{7}{2}")
+    (tmp_path / "math500.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = _cfg("--dataset", "math", "--data-dir", str(tmp_path), "--eval-split", "math500")
+    (ex,) = T.to_examples(
+        cfg, T.TASKS["math"], tokenizer, T.load_rows(cfg, T.TASKS["math"], "math500"), 0
+    )
+    assert ex["gold"] == "\\frac{7}{2}" and row["problem"] in ex["prompt"]
+
+
+@pytest.mark.parametrize(
+    ("split", "field"), [("math500", "answer"), ("train", "type"), ("validation", "type")]
+)
+def test_math_fields_are_required_only_where_needed(clean_env, tmp_path, split, field):
+    rows = [json.loads(x) for x in (MATH500 / "math500.jsonl").read_text().splitlines()[:20]]
+    rows = [dict(r, type=r["subject"]) for r in rows]
+    for name in ("train", "test", "math500"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg("--dataset", "math", "--data-dir", str(tmp_path))
+    task = T.TASKS["math"]
+    assert (
+        len(T.load_rows(cfg, task, split)) == {"math500": 20, "train": 19, "validation": 1}[split]
+    )
+    file = "train" if split == "validation" else split
+    broken = [dict(r) for r in rows]
+    del broken[3][field]
+    (tmp_path / f"{file}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken))
+    with pytest.raises(T.DataError, match=f"row 3: missing field '{field}'"):
+        T.load_rows(cfg, task, split)
+    # The test split is not carved: a hendrycks-style file without `type` (or `answer`) loads.
+    bare = [{k: r[k] for k in ("problem", "solution")} for r in rows]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bare))
+    assert len(T.load_rows(cfg, task, "test")) == 20
+
+
+def test_math500_from_the_hub_offline_is_one_clear_error(clean_env):
+    cfg = T.resolve_config(["--dataset", "math", "--eval-split", "math500", "--output-dir", "o"])
+    with pytest.raises(T.DataError, match="HuggingFaceH4/MATH-500 .*test.*--data-dir"):
+        T.load_rows(cfg, T.TASKS["math"], "math500")
+    with pytest.raises(T.ConfigError, match="math500"):
+        T.resolve_config(["--dataset", "gsm8k", "--eval-split", "math500", "--output-dir", "o"])

@@ -241,3 +241,31 @@ def test_row_without_a_gold_answer_is_one_line(tmp_path):
     res = run(*data_args("gsm8k", tmp_path), "--verify-gold")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "row 1" in res.stderr
+
+
+def test_math500_schema_file_verifies_and_scores(tmp_path):
+    """A file in MATH-500's own schema (bundled MATH rows reshaped; not MATH-500 itself)."""
+    args = [
+        "--dataset",
+        "math",
+        "--data-dir",
+        str(FIXTURES / "math500_schema"),
+        "--split",
+        "math500",
+    ]
+    proc = run(*args, "--verify-gold")
+    assert proc.returncode == 0, proc.stderr
+    assert summary_line(proc)["correct"] == summary_line(proc)["n"] == 500
+    rows500 = [json.loads(x) for x in (FIXTURES / "math500_schema" / "math500.jsonl").open()]
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"row": 7, "completion": f"Thus \\boxed{{{rows500[7]['answer']}}}."},
+            {"row": 8, "completion": f"Thus \\boxed{{{rows500[7]['answer']}}}."},
+        ],
+    )
+    proc = run(*args, "--score", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert summary_line(proc)["correct"] == 1
+    scored = [json.loads(x) for x in Path(str(path) + ".scored.jsonl").read_text().splitlines()]
+    assert [s["correct"] for s in scored] == [True, False]

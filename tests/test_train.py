@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import train_trl_grpo as T
+from grpo_extensions import TIME_KEYS
 
 ROWS8 = [{"row": i} for i in range(8)]  # the smoke run's 8 eval problems, as eval_subset sees them
 
@@ -68,6 +69,22 @@ def test_compare_the_smoke_run_with_its_base_model(gsm8k_run, tmp_path, capsys):
     title = next(i for i, ln in enumerate(lines) if ln.startswith("paired differences"))
     assert lines[title + 2].split()[:2] == [gsm8k_run.name, "8"]  # both final evals' problems
     assert png.stat().st_size > 5000
+
+
+def test_smoke_steps_log_where_the_time_went(gsm8k_run):
+    state = json.loads((gsm8k_run / "checkpoint-4" / "trainer_state.json").read_text())
+    steps = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3, 4]
+    for h in steps:
+        parts = [h[f"time/{k}"] for k in TIME_KEYS]
+        assert min(parts) >= 0 and h["time/generation"] > 0 and h["time/train"] > 0
+        assert h["time/weight_sync"] == 0  # no vLLM in --smoke
+        assert sum(parts) == pytest.approx(h["time/step"], rel=0.05)
+        # 4 prompts x 2 completions per step (batch 4 x 2 micro-steps).
+        generated = h["completions/mean_length"] * 8
+        assert h["generation/tokens_per_s"] * h["time/generation"] == pytest.approx(generated)
+    # eval_every=2: the evaluations after steps 2 and 4 are inside those steps' time.
+    assert [h["time/eval"] > 0 for h in steps] == [False, True, False, True]
 
 
 def test_resume_continues_from_the_newest_checkpoint(gsm8k_run, capsys):

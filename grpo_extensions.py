@@ -1,0 +1,215 @@
+"""What TRL 1.16's GRPOTrainer lacks, as one small subclass of it (no fork): dynamic sampling and a
+per-step time breakdown. train_trl_grpo.py builds its trainer from `GRPOTrainerPlus`.
+
+* Dynamic sampling (DAPO, arXiv:2503.14476): a group whose completions all got the same total
+  reward has zero advantage everywhere, so it carries no GRPO signal. With `dynamic_sampling=True`
+  `_generate_and_score_completions` (TRL's one place where a generation batch is produced) keeps
+  only groups with reward variance and generates more groups, from prompts drawn at random from
+  the training set, until the batch holds as many groups as configured, for at most `max_rounds`
+  generation rounds per batch (the first included). When the cap is hit it says so in one line and
+  fills the batch with dropped groups (zero advantage) so that TRL's batch shapes stay intact.
+  Logged per step: `dynamic_sampling/dropped_frac` (share of generated groups dropped),
+  `dynamic_sampling/rounds` and `dynamic_sampling/cap_hit`. With it off, every override below
+  calls TRL's method unchanged.
+* Time breakdown: every optimizer step logs `time/generation`, `time/reward`, `time/train`
+  (forward, backward, the old/ref log-prob passes and the optimizer), `time/weight_sync`,
+  `time/eval`, their window `time/step` (from the step's start to the end of its evaluation;
+  checkpoint saving and logging come after it) and `generation/tokens_per_s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections import defaultdict
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+TIME_KEYS = ("generation", "reward", "train", "weight_sync", "eval")
+
+
+class StepClock:
+    """Wall time per category; time inside a nested section counts for the inner category only,
+    so the categories of one step add up to the time they cover."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self._open: list[list] = []  # [name, start, time spent in nested sections]
+
+    def start(self, name: str) -> None:
+        self._open.append([name, time.perf_counter(), 0.0])
+
+    def stop(self) -> None:
+        name, start, nested = self._open.pop()
+        elapsed = time.perf_counter() - start
+        self.totals[name] += elapsed - nested
+        if self._open:
+            self._open[-1][2] += elapsed
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+
+class _StepTimer(TrainerCallback):
+    """Opens the step window at on_step_begin and closes it in on_step_end. Added after every
+    other callback, so the evaluation callback's on_step_end falls inside the window."""
+
+    def __init__(self, trainer: GRPOTrainerPlus) -> None:
+        self.t = trainer
+        self.begin = 0.0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t.clock.totals.clear()
+        self.t._generated_tokens = 0
+        self.begin = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.t.clock.start("train")
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.t.clock.stop()
+
+    def on_step_end(self, args, state, control, **kw):
+        totals, metrics = self.t.clock.totals, self.t._metrics["train"]
+        metrics["time/step"].append(time.perf_counter() - self.begin)
+        for key in TIME_KEYS:
+            metrics[f"time/{key}"].append(totals.get(key, 0.0))
+        if totals.get("generation"):
+            metrics["generation/tokens_per_s"].append(
+                self.t._generated_tokens / totals["generation"]
+            )
+
+
+class GRPOTrainerPlus(GRPOTrainer):
+    """GRPOTrainer with dynamic sampling (off by default) and per-step timing."""
+
+    def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dynamic_sampling = dynamic_sampling
+        self.max_rounds = max_rounds
+        self.clock = StepClock()
+        self._generated_tokens = 0
+        self._last_rewards: torch.Tensor | None = None
+        # Refill prompts: one seeded stream per process, independent of the trainer's sampler.
+        self._refill_rng = random.Random(self.args.seed * 1000 + self.accelerator.process_index)
+        self._refill_order: list[int] = []
+        if self.use_vllm:  # TRL's and our eval callback's syncs both go through this attribute
+            sync = self.vllm_generation.sync_weights
+
+            def timed_sync(*a, **k):
+                with self.clock.section("weight_sync"):
+                    return sync(*a, **k)
+
+            self.vllm_generation.sync_weights = timed_sync
+        self.add_callback(_StepTimer(self))
+
+    # --- timing: each override calls TRL's method unchanged -----------------------------------
+    def training_step(self, model, inputs, num_items_in_batch):
+        with self.clock.section("train"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _generate(self, prompts: list):
+        with self.clock.section("generation"):
+            out = super()._generate(prompts)
+        self._generated_tokens += sum(len(ids) for ids in out[1])  # out[1]: completion_ids
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        with self.clock.section("reward"):
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards = rewards  # every process's rows, for the dynamic-sampling filter
+        return rewards
+
+    # --- dynamic sampling ---------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        if not (self.dynamic_sampling and self.model.training):
+            return super()._generate_and_score_completions(inputs)
+        n, acc = self.num_generations, self.accelerator
+        want = len(inputs) // n  # groups per generation batch on this process
+        kept: list[tuple[dict, int]] = []  # (round output, group index in it)
+        spare: list[tuple[dict, int]] = []  # zero-variance groups, for a batch the cap cuts short
+        seen = dropped = 0
+        batch = inputs
+        for rounds in range(1, self.max_rounds + 1):
+            out = super()._generate_and_score_completions(batch)
+            signal = self._groups_with_signal(len(batch))
+            for g, has_signal in enumerate(signal):
+                (kept if has_signal else spare).append((out, g))
+            counts = acc.gather(
+                torch.tensor([len(signal), len(signal) - sum(signal), len(kept)], device=acc.device)
+            ).view(-1, 3)
+            seen, dropped = seen + int(counts[:, 0].sum()), dropped + int(counts[:, 1].sum())
+            missing = want - int(counts[:, 2].min())  # the same on every process: same rounds
+            if missing <= 0 or rounds == self.max_rounds:
+                break
+            # Enough prompts for the missing groups at the keep rate seen so far, at most a batch.
+            rate = max(seen - dropped, 1) / seen
+            batch = self._draw_prompts(min(want, max(missing, math.ceil(missing / rate))))
+        if missing > 0 and acc.is_main_process:
+            print(
+                f"dynamic sampling: step {self.state.global_step + 1}: only "
+                f"{want - missing}/{want} groups per process had reward variance after "
+                f"{rounds} generation rounds (dynamic_sampling_max_rounds); the rest are "
+                "zero-variance groups (zero advantage)",
+                flush=True,
+            )
+        chosen = (kept + spare[::-1])[:want]  # newest spares first: the freshest samples
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/dropped_frac"].append(dropped / seen)
+        metrics["dynamic_sampling/rounds"].append(float(rounds))
+        metrics["dynamic_sampling/cap_hit"].append(float(missing > 0))
+        return self._concat_groups(chosen)
+
+    def _groups_with_signal(self, local_rows: int) -> list[bool]:
+        """This process's groups: True where the total reward is not the same for all."""
+        total = (self._last_rewards * self.reward_weights.to(self._last_rewards.device)).nansum(1)
+        # A row every reward function left unscored is NaN: TRL gives it zero advantage.
+        total[torch.isnan(self._last_rewards).all(1)] = torch.nan
+        start = self.accelerator.process_index * local_rows
+        groups = total[start : start + local_rows].view(-1, self.num_generations).tolist()
+        return [len({x for x in g if not math.isnan(x)}) > 1 for g in groups]
+
+    def _draw_prompts(self, groups: int) -> list[dict]:
+        """`groups` training rows at random (a reshuffled pass over the set), each num_generations
+        times in a row, the layout of TRL's RepeatSampler."""
+        rows = []
+        for _ in range(groups):
+            if not self._refill_order:
+                self._refill_order = list(range(len(self.train_dataset)))
+                self._refill_rng.shuffle(self._refill_order)
+            rows += [self.train_dataset[self._refill_order.pop()]] * self.num_generations
+        return rows
+
+    def _concat_groups(self, chosen: list[tuple[dict, int]]) -> dict:
+        """One generation batch from groups of several rounds, re-padded to a common width."""
+        n = self.num_generations
+        out: dict = {}
+        for key, value in chosen[0][0].items():
+            if key == "num_items_in_batch":
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2):
+                raise NotImplementedError(f"dynamic_sampling: cannot regroup the {key!r} input")
+            parts = [o[key][g * n : (g + 1) * n] for o, g in chosen]
+            if value.dim() == 2:
+                width = max(p.size(1) for p in parts)
+                pad = self._tokenizer.pad_token_id if key.endswith("_ids") else 0
+                side = "left" if key.startswith("prompt") else "right"  # TRL's padding sides
+                parts = [_pad_to(p, width, pad, side) for p in parts]
+            out[key] = torch.cat(parts)
+        mask = out["completion_mask"] * out.get("tool_mask", 1)
+        out["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()  # as TRL counts it
+        return out
+
+
+def _pad_to(x: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:
+    fill = x.new_full((x.size(0), width - x.size(1)), value)
+    return torch.cat([fill, x] if side == "left" else [x, fill], dim=1)
