@@ -1396,6 +1396,20 @@ def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
                 drawn = True
         return drawn
 
+    def twin(ax, key: str, fmt: str, label: str, loc: str, band=None, **axis) -> bool:
+        """`key` on a right-hand axis of its own (with a min-max band from the `band` keys)."""
+        x, y = series(key)
+        if not x:
+            return False
+        right = ax.twinx()
+        right.plot(x, y, fmt, marker=axis.pop("marker", "."), label=label)
+        lo, hi = (series(k)[1] for k in band) if band else ([], [])
+        if band and len(lo) == len(hi) == len(x):
+            right.fill_between(x, lo, hi, color="k", alpha=0.1, label=f"{label}: min-max")
+        right.set(ylabel=axis.pop("ylabel", label), **axis)
+        right.legend(fontsize=7, loc=loc)
+        return True
+
     def finish(ax, drawn: bool, title: str, ylabel: str = "") -> None:
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -1420,31 +1434,21 @@ def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
             "completions/mean_terminated_length": "mean length, ended ones",
         },
     )
-    x, y = series("completions/clipped_ratio")
-    if x:
-        twin = ax_len.twinx()
-        twin.plot(x, y, "r--", marker=".", label="truncated rate")
-        twin.set(ylim=(0, 1), ylabel="truncated rate")
-        twin.legend(fontsize=7, loc="lower right")
-    finish(ax_len, drawn or bool(x), "completion length (tokens) and truncation", "tokens")
+    shown = twin(
+        ax_len, "completions/clipped_ratio", "r--", "truncated rate", "lower right", ylim=(0, 1)
+    )
+    finish(ax_len, drawn or shown, "completion length (tokens) and truncation", "tokens")
 
     drawn = lines(
         ax_clip,
         {f"clip_ratio/{k}_mean": f"clip {k}" for k in ("low", "high", "region")},
     )
-    x, y = series("sampling/importance_sampling_ratio/mean")
-    if x:
-        twin = ax_clip.twinx()
-        twin.plot(x, y, "k:", marker=".", label="IS ratio (mean)")
-        lo, hi = (
-            series("sampling/importance_sampling_ratio/min")[1],
-            series("sampling/importance_sampling_ratio/max")[1],
-        )
-        if len(lo) == len(hi) == len(x):
-            twin.fill_between(x, lo, hi, color="k", alpha=0.1, label="IS ratio min-max")
-        twin.set(ylabel="vLLM importance-sampling ratio")
-        twin.legend(fontsize=7, loc="lower right")
-    finish(ax_clip, drawn or bool(x), "clipped token share and importance sampling", "share")
+    isr = "sampling/importance_sampling_ratio/"
+    shown = twin(
+        ax_clip, isr + "mean", "k:", "IS ratio (mean)", "lower right",
+        band=(isr + "min", isr + "max"), ylabel="vLLM importance-sampling ratio",
+    )  # fmt: skip
+    finish(ax_clip, drawn or shown, "clipped token share and importance sampling", "share")
 
     drawn = False
     steps, bottom = series("time/step")[0], None
@@ -1456,12 +1460,7 @@ def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
             ax_t.bar(x, y, bottom=bottom, label=part.removeprefix("time/"))
             bottom = y if bottom is None else [a + b for a, b in zip(bottom, y, strict=True)]
             drawn = True
-    x, y = series("generation/tokens_per_s")
-    if x:
-        twin = ax_t.twinx()
-        twin.plot(x, y, "k", marker=".", label="generated tokens/s")
-        twin.set(ylabel="generated tokens/s")
-        twin.legend(fontsize=7, loc="upper right")
+    twin(ax_t, "generation/tokens_per_s", "k", "generated tokens/s", "upper right")
     finish(ax_t, drawn, f"time per step ({len(steps)} steps)", "seconds")
 
     drawn = lines(
@@ -1471,12 +1470,7 @@ def metrics_figure(output_dir: str, log_history: list[dict], evals: list[dict]):
             "dynamic_sampling/dropped_frac": "dropped",
         },
     )
-    x, y = series("dynamic_sampling/rounds")
-    if x:
-        twin = ax_g.twinx()
-        twin.plot(x, y, "k:", marker="s", label="generation rounds")
-        twin.set(ylabel="generation rounds")
-        twin.legend(fontsize=7, loc="lower right")
+    twin(ax_g, "dynamic_sampling/rounds", "k:", "generation rounds", "lower right", marker="s")
     finish(ax_g, drawn, "groups without reward variance (share)", "share")
     ax_g.set_ylim(0, 1)
 
