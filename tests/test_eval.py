@@ -670,9 +670,11 @@ class _ScriptedModel:
     """A model whose generate() appends fixed completions, n per prompt."""
 
     training = False
-    device = "cpu"
 
     def __init__(self, completions: list[list[int]]):
+        import torch
+
+        self.device = torch.device("cpu")
         self.completions = completions
 
     def eval(self) -> None:

@@ -114,7 +114,10 @@ def test_vllm_modes_without_vllm_are_refused_before_loading_anything(
 
     monkeypatch.setattr(T, "load_tokenizer", too_late)
     monkeypatch.setattr(T, "check_vllm_server", lambda cfg: None)  # a server is up
-    assert T.main(["--smoke", "--vllm-mode", mode, "--output-dir", "o", *extra]) == 2
+    # A model directory: --smoke's in-memory model is refused with colocate before anything else.
+    model = str(FIXTURES / "qwen2.5-tokenizer")
+    argv = ["--smoke", "--model-id", model, "--vllm-mode", mode, "--output-dir", "o", *extra]
+    assert T.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vllm" in err[0] and "uv sync --extra vllm" in err[0], err
 
