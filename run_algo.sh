@@ -292,7 +292,8 @@ VLLM_DEVICE=${VLLM_DEVICE:-gpu}
 case $VLLM_DEVICE in
 gpu) ;;
 cpu)
-    if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    # Not `nvidia-smi -L | grep -q`: under pipefail, grep's early exit can fail the pipeline.
+    if command -v nvidia-smi >/dev/null && [[ $(nvidia-smi -L 2>/dev/null) == *GPU\ [0-9]* ]]; then
         die "VLLM_DEVICE=cpu is for machines without a GPU; this one has one, so leave VLLM_DEVICE unset"
     fi
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}

@@ -728,7 +728,7 @@ def test_cpu_server_is_refused_on_a_gpu_box(make_run, stubs):
     _nvidia_smi(stubs, 2)
     run = make_run(VLLM_DEVICE="cpu")
     rc, _, err = run.run("gsm8k")
-    assert rc != 0
+    assert rc != 0, err
     line = one_line_error(err)
     assert "VLLM_DEVICE=cpu" in line and "GPU" in line
     assert run.server is None and run.trainer is None
