@@ -552,6 +552,14 @@ health_ok() {
     fi
 }
 # A server that is gone ends the run with its status and the tail of its log.
+# A pause that the signal traps can cut short: with a plain foreground `sleep`, bash skips the INT
+# trap when the sleep has just exited on its own as Ctrl-C arrives (it takes the child to have
+# handled the signal), and the script would carry on as if nothing happened.
+nap() {
+    sleep "$1" &
+    wait "$!"
+}
+
 exit_if_server_died() {
     local rc=0
     if [[ -n $SERVER_PID ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -572,7 +580,7 @@ wait_for_health() {
             [[ -n $SERVER_PID ]] && server_tail
             exit 1
         fi
-        sleep 0.5
+        nap 0.5
     done
     log "vLLM server is healthy at $HEALTH_URL"
 }
@@ -622,7 +630,7 @@ TRAINER_PID=$!
 
 while kill -0 "$TRAINER_PID" 2>/dev/null; do
     exit_if_server_died "during training; stopping the trainer"
-    sleep 0.5
+    nap 0.5
 done
 status=0
 wait "$TRAINER_PID" || status=$?

@@ -398,6 +398,14 @@ running() {
     return 1
 }
 
+# A pause that the signal traps can cut short: with a plain foreground `sleep`, bash skips the INT
+# trap when the sleep has just exited on its own as Ctrl-C arrives (it takes the child to have
+# handled the signal), and the script would carry on as if nothing happened.
+nap() {
+    sleep "$1" &
+    wait "$!"
+}
+
 # Signal every running run_algo.sh (each stops its own server and trainer) and wait for all.
 stop_runs() {
     local sig=$1 s
@@ -437,7 +445,7 @@ while [[ -z $STOP_SIG ]]; do
         NEXT=$((NEXT + 1))
     done
     ((NEXT < N)) || running || break
-    sleep 0.5
+    nap 0.5
 done
 
 # ---------------------------------------------------------------- report
