@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,3 +65,11 @@ def run_script(
             text=True,
             timeout=300,
         )
+
+
+def terminal_job() -> None:
+    """preexec_fn for a launcher that a test stops with Ctrl-C: a shell resets SIGINT and SIGQUIT
+    for the job it runs in the foreground, whatever its own parent ignored (a test run started in
+    the background starts with both ignored, and bash cannot trap a signal ignored on entry)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)

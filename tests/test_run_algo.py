@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import terminal_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_algo.sh"
@@ -230,6 +231,7 @@ class Run:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # own process group, like a shell job on a terminal
+            preexec_fn=terminal_job,
         )
         return self
 

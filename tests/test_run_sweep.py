@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import terminal_job
 from test_run_algo import STUB, alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +171,7 @@ class Sweep:
                 stderr=err,
                 text=True,
                 start_new_session=True,  # own process group, like a shell job on a terminal
+                preexec_fn=terminal_job,
             )
         return self
 

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import terminal_job
 
 import train_trl_grpo as ttg
 
@@ -159,6 +160,7 @@ class Served:
             stdout=self.out.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=terminal_job,
         )
         self.log = tmp / "logs" / f"vllm_gsm8k_{self.port}.log"
         deadline = time.monotonic() + START_TIMEOUT
