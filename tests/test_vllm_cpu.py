@@ -265,10 +265,11 @@ def test_launcher_eval_only_on_a_cpu_server(server, model_dir, tmp_path):
     assert 0 < sum(r["truncated"][0] for r in data["rows"]) < len(data["rows"])
 
 
-def test_server_mode_training_is_refused_on_cpu_in_one_line(model_dir, tmp_path):
+def test_server_mode_training_is_refused_on_cpu_in_one_line(server, model_dir, tmp_path):
+    # Against the running server: the trainer checks that a server answers before anything else.
     done = subprocess.run(
         [sys.executable, str(ROOT / "train_trl_grpo.py"), "--smoke", "--model-id", model_dir]
-        + ["--vllm-mode", "server", "--output-dir", str(tmp_path)],
+        + ["--vllm-mode", "server", "--vllm-port", str(server.port), "--output-dir", str(tmp_path)],
         env=_env(),
         capture_output=True,
         text=True,
