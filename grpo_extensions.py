@@ -197,7 +197,7 @@ class GRPOTrainerPlus(GRPOTrainer):
             if key == "num_items_in_batch":
                 continue
             if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2):
-                raise NotImplementedError(f"dynamic_sampling: cannot regroup the {key!r} input")
+                raise TypeError(f"dynamic_sampling: cannot regroup the {key!r} input")
             parts = [o[key][g * n : (g + 1) * n] for o, g in chosen]
             if value.dim() == 2:
                 width = max(p.size(1) for p in parts)
