@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,23 @@ def terminal_job() -> None:
     the background starts with both ignored, and bash cannot trap a signal ignored on entry)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fast_time(monkeypatch: pytest.MonkeyPatch, module) -> list[float]:
+    """Replace `module.time` so that retry back-off and polling cost no wall time; returns the
+    sleeps asked for."""
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(0.01)
+
+    fake = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic, time=time.time)
+    monkeypatch.setattr(module, "time", fake)
+    return sleeps

@@ -9,17 +9,16 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import combinations
 from pathlib import Path
 
 import pytest
+from conftest import fast_time, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -52,25 +51,6 @@ def _close_graders():
 def _fixture_rows(dataset: str, split: str = "test") -> list[dict]:
     with (FIXTURES / dataset / f"{split}.jsonl").open() as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fast_time(monkeypatch) -> list[float]:
-    """Replace the module's `time` so that retry back-off and polling cost no wall time."""
-    sleeps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        time.sleep(0.01)
-
-    fake = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic, time=time.time)
-    monkeypatch.setattr(ttg, "time", fake)
-    return sleeps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,7 +621,7 @@ def test_eval_only_on_a_server_the_launcher_just_started_has_no_weights_warning(
 
 
 def test_server_client_fails_loudly_after_retries(stand_in, monkeypatch):
-    sleeps = _fast_time(monkeypatch)
+    sleeps = fast_time(monkeypatch, ttg)
     server = stand_in(fail=-1)
     gen = ttg.vllm_server_generate(server.url, MODEL)
     with pytest.raises(EvalError, match="failed 3 times"):
@@ -651,7 +631,7 @@ def test_server_client_fails_loudly_after_retries(stand_in, monkeypatch):
 
 
 def test_server_client_wrong_choice_count_is_an_error(stand_in, monkeypatch):
-    _fast_time(monkeypatch)
+    fast_time(monkeypatch, ttg)
     server = stand_in(drop=1)
     with pytest.raises(EvalError, match="got 3 completions, expected 4"):
         ttg.vllm_server_generate(server.url, MODEL)(["a", "b"], 2, SP)
@@ -659,7 +639,7 @@ def test_server_client_wrong_choice_count_is_an_error(stand_in, monkeypatch):
 
 
 def test_server_client_retries_a_transient_failure(stand_in, monkeypatch):
-    sleeps = _fast_time(monkeypatch)
+    sleeps = fast_time(monkeypatch, ttg)
     server = stand_in(fail=1)
     out = ttg.vllm_server_generate(server.url, MODEL)(["a", "b"], 2, SP)
     assert [[s.text for s in g] for g in out] == [["a#0", "a#1"], ["b#0", "b#1"]]
@@ -733,8 +713,8 @@ def _server_cfg(port: int, *extra: str):
 
 
 def test_check_vllm_server_none_running(monkeypatch):
-    _fast_time(monkeypatch)
-    port = _free_port()
+    fast_time(monkeypatch, ttg)
+    port = free_port()
     cfg = _server_cfg(port, "--vllm-server-timeout", "1")
     start = time.monotonic()
     with pytest.raises(ConfigError) as err:
@@ -834,7 +814,7 @@ def test_real_vllm_server(tmp_path):
     model_dir = tmp_path / "tiny-qwen2"
     ttg.build_smoke_model(tok, 0).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "vllm.log").open("w")
     proc = subprocess.Popen(
         [trl_cli, "vllm-serve", "--model", str(model_dir), "--host", "127.0.0.1"]

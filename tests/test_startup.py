@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
-import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import fast_time, free_port
 
 import train_trl_grpo as T
 
@@ -48,17 +46,11 @@ def _clean_env(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def hub_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a box without network: HF_HUB_OFFLINE unset, the Hub endpoint a closed
     local port, an empty cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRPO_", "HF_"))}
-    env["HF_ENDPOINT"] = f"http://127.0.0.1:{_free_port()}"
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
     env["HF_HOME"] = str(tmp_path / "hf_home")
     env.pop("TRANSFORMERS_OFFLINE", None)
     return env
@@ -131,18 +123,6 @@ def health():
         h.close()
 
 
-def _fast_sleep(monkeypatch) -> list[float]:
-    sleeps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        time.sleep(0.01)
-
-    fake = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic, time=time.time)
-    monkeypatch.setattr(T, "time", fake)
-    return sleeps
-
-
 # ------------------------------------------------------------------------------------------------
 # 1. The vLLM server is checked before the tokenizer, the data and the model
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +130,7 @@ def test_no_server_fails_before_tokenizer_data_and_model(monkeypatch, capsys, tm
     calls: list[str] = []
     for name in ("load_tokenizer", "load_rows", "load_model"):
         monkeypatch.setattr(T, name, lambda *a, _n=name, **k: calls.append(_n))
-    port = _free_port()
+    port = free_port()
     rc = T.main(["--vllm-port", str(port), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and calls == []
@@ -159,7 +139,7 @@ def test_no_server_fails_before_tokenizer_data_and_model(monkeypatch, capsys, tm
 
 def test_default_command_names_the_server_before_any_heavy_import(tmp_path):
     # The README's run command on a box with no server and no network (the Hub unreachable).
-    port = _free_port()
+    port = free_port()
     res = run(["--dataset", "gsm8k"], tmp_path, {"GRPO_VLLM_PORT": str(port)})
     line = one_error_line(res)
     assert res.returncode == 2
@@ -168,8 +148,8 @@ def test_default_command_names_the_server_before_any_heavy_import(tmp_path):
 
 
 def test_refused_connection_is_not_waited_for(monkeypatch):
-    sleeps = _fast_sleep(monkeypatch)
-    port = _free_port()
+    sleeps = fast_time(monkeypatch, T)
+    port = free_port()
     cfg = T.resolve_config(["--vllm-port", str(port), "--vllm-server-timeout", "600"])
     with pytest.raises(T.ConfigError, match=f"nothing listens at 127.0.0.1:{port}"):
         T.check_vllm_server(cfg)
@@ -177,7 +157,7 @@ def test_refused_connection_is_not_waited_for(monkeypatch):
 
 
 def test_listening_but_unhealthy_server_is_waited_for(monkeypatch, health):
-    sleeps = _fast_sleep(monkeypatch)
+    sleeps = fast_time(monkeypatch, T)
     server = health(sick=3)
     cfg = T.resolve_config(["--smoke", "--vllm-mode", "server", "--vllm-port", str(server.port)])
     assert T.check_vllm_server(cfg) is None
@@ -185,7 +165,7 @@ def test_listening_but_unhealthy_server_is_waited_for(monkeypatch, health):
 
 
 def test_server_that_never_gets_healthy_times_out_naming_it(monkeypatch, health):
-    _fast_sleep(monkeypatch)
+    fast_time(monkeypatch, T)
     server = health(sick=10**9)
     cfg = T.resolve_config(
         ["--smoke", "--vllm-mode", "server", "--vllm-port", str(server.port)]
@@ -261,7 +241,7 @@ def test_reachable_hub_stays_online(monkeypatch, health):
 
 def test_hub_is_not_probed_when_nothing_needs_it(monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     T.check_hub(T.resolve_config(["--smoke"]))
     assert "HF_HUB_OFFLINE" not in os.environ and capsys.readouterr().out == ""
 

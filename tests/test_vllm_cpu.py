@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import terminal_job
+from conftest import free_port, terminal_job
 
 import train_trl_grpo as ttg
 
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.vllm_cpu
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "run_algo.sh"
 START_TIMEOUT = 1200  # seconds for a server to come up on 2 loaded cores (about 2-4 min alone)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -139,7 +132,7 @@ def model_dir(tmp_path_factory, engine) -> str:
 class Served:
     def __init__(self, model_dir: str, tmp: Path):
         self.model = model_dir
-        self.port = _free_port()
+        self.port = free_port()
         (tmp / "logs").mkdir()
         self.out = tmp / "logs" / "launcher.log"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -221,7 +214,7 @@ def test_eval_requests_sample_as_training_on_the_real_server(server, model_dir):
 
 
 def test_launcher_eval_only_on_a_cpu_server(server, model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "eval"
     flags = ["--smoke", "--eval-only", "--eval-samples", "1", "--eval-ks", "1"]
     flags += ["--eval-temperature", "0", "--max-completion-length", "12", "--max-eval-samples", "6"]
