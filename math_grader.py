@@ -154,6 +154,26 @@ def extract_answer(text: str, dataset: str) -> str | None:
     return _after_answer_is(text, dataset)
 
 
+def formatted_answer(text: str, dataset: str) -> str | None:
+    """The answer a completion gives in the format asked of it, or None.
+
+    One final answer: every closed box says the same non-empty thing (a restated answer, as in
+    MATH's own "- OR -" solutions, counts once; two different answers, or a box nested in a box,
+    count as none), and for GSM8K it is a number (GSM8K's answers always are, so a boxed word or
+    a copied `\\boxed{ANSWER}` can never be right). This is what a format reward may pay for;
+    anything looser was gamed by a 135M model within 8 GRPO steps (empty boxes, box spam)."""
+    ends = _all_group_ends(text)
+    args = {_box_argument(text, m.end(), ends) for m in _BOX_CMD_RE.finditer(text)} - {None}
+    if len(args) != 1:
+        return None
+    ans = args.pop().strip()
+    if not ans:
+        return None
+    if dataset == "gsm8k" and _canonical_number(normalize_answer(ans, dataset)) is None:
+        return None
+    return ans
+
+
 def gold_from_solution(solution: str, dataset: str) -> str:
     """Reference answer from a dataset row: GSM8K ``answer`` field or MATH ``solution`` field."""
     if dataset == "gsm8k":

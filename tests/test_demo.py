@@ -21,8 +21,21 @@ def test_demo_preset_yields_to_explicit_values(clean_env, monkeypatch):
     assert cfg.instruction == T.DEMO_INSTRUCTION and "\\boxed{" in cfg.instruction
     assert cfg.total_steps == 3 and cfg.lr == 2e-5
     assert cfg.num_generations == T.DEMO["num_generations"]
-    assert cfg.data_dir.endswith(str(Path("tests") / "fixtures" / "gsm8k"))
+    assert cfg.data_dir.endswith(str(Path("tests") / "fixtures" / "gsm8k_easy"))
     assert cfg.output_dir == "outputs/gsm8k-SmolLM2-135M-Instruct"
+
+
+def test_demo_evaluates_on_rows_it_does_not_train_on(clean_env):
+    """The before/after table is on held-out problems: none of them is a training row."""
+    cfg = T.resolve_config(["--demo"])
+    task = T.TASKS[cfg.dataset]
+    train = T.load_rows(cfg, task, "train")[: cfg.max_train_samples]
+    held_out = T.load_rows(cfg, task, cfg.eval_split)[: cfg.max_eval_samples]
+    assert len(held_out) == cfg.max_eval_samples > 0 and len(train) == cfg.max_train_samples
+    assert not {r["question"] for r in held_out} & {r["question"] for r in train}
+    # Gradeable: every gold answer of both splits is a number the grader reads back.
+    for row in train + held_out:
+        assert task.gold(row).isdigit() and row["answer"].endswith("#### " + task.gold(row))
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,11 @@ HACKS = {
     "empty box spam": "\\boxed{}" * 40,
     "empty box after text": "So the answer is \\boxed{ }.",
     "unclosed box": "The answer is \\boxed{18",
+    # Seen in a learning run: the instruction's example copied, boxes nested.
+    "nested boxes": "3 + \\boxed{\\boxed{\\rm sm}21}",
+    "two answers": "It is \\boxed{17} or \\boxed{18}.",
+    "placeholder": "The answer is: \\boxed{ANSWER}",
+    "no number": "So \\boxed{number}.",
 }
 
 
@@ -75,21 +80,29 @@ def test_math_format_pays_nothing_for_a_box_in_a_truncated_completion(tmp_path):
 
 def test_math_format_pays_one_real_answer_once(tmp_path):
     one = "16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\nThe final answer is \\boxed{18}."
-    spam = "\\boxed{18}" * 40
     wrong = "The final answer is \\boxed{17}."  # format is not correctness
-    scores = fmt("gsm8k", tmp_path, [one, spam, wrong, "The answer is 18."])
+    units = "She makes \\boxed{\\$18} a day."  # a number in words or units is still a number
+    spam = "\\boxed{18}" * 40
+    scores = fmt("gsm8k", tmp_path, [one, wrong, units, spam, "The answer is 18."])
     # Spam earns no more than one answer; a right answer without a box is not the format asked.
-    assert scores == [1.0, 1.0, 1.0, 0.0]
+    assert scores == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_math_format_pays_any_single_nonempty_answer_on_math(tmp_path):
+    """MATH answers are expressions, not only numbers; one box is still the rule."""
+    texts = ["So $x = \\boxed{\\frac{1}{2}}$.", "\\boxed{(1, 2)}", "\\boxed{a}\\boxed{b}"]
+    texts += ["$\\boxed{10}$.\n\n- OR -\n\nSo it is $\\boxed{10}$."]  # MATH's own solutions do this
+    assert fmt("math", tmp_path, texts) == [1.0, 1.0, 0.0, 1.0]
 
 
 def test_math_format_uses_the_correctness_extraction(tmp_path):
     """Whatever the format reward pays for, the correctness reward reads the same answer."""
     mg = T.math_grader()
-    texts = ["\\boxed{}\\boxed{18}", "\\boxed{18}\\boxed{}", "\\fbox{18}", "\\boxed 18"]
+    texts = ["\\fbox{18}", "\\boxed 18", "\\boxed{18 eggs}", "\\boxed{}", "\\boxed{x}"]
     scores = fmt("gsm8k", tmp_path, texts)
-    for text, score in zip(texts, scores, strict=True):
-        paid = score == 1.0
-        assert paid == (mg.extract_answer(text, "gsm8k") == mg.last_boxed(text).strip() != "")
+    assert scores == [1.0, 1.0, 1.0, 0.0, 0.0]
+    for text in texts[:3]:  # what format pays for, correctness reads as 18
+        assert mg.normalize_answer(mg.extract_answer(text, "gsm8k"), "gsm8k") == "18"
 
 
 CODE = "```python\ndef f(x):\n    return x\n```"

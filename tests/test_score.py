@@ -80,8 +80,12 @@ def test_verify_gold_passes_on_fixtures(dataset):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     s = summary_line(proc)
     assert s["n"] == s["correct"] == FIXTURE_ROWS[dataset]
-    # Every gold is right and boxed / in one code block: 1.0 * correctness + 0.1 * format.
-    assert s["mean_reward"] == pytest.approx(1.1)
+    # Every gold is right and boxed / in one code block: 1.0 * correctness + 0.1 * format, except
+    # 5 MATH solutions that box several different answers (e.g. "b = \\boxed{-10879} ... b =
+    # \\boxed{10879}"): the format reward pays for one final answer, so not for those.
+    unformatted = {"gsm8k": 0, "math": 5, "mbpp": 0}[dataset]
+    n = FIXTURE_ROWS[dataset]
+    assert s["mean_reward"] == pytest.approx(1.0 + 0.1 * (n - unformatted) / n)
 
 
 def test_verify_gold_reports_a_broken_gold(tmp_path):
