@@ -58,13 +58,16 @@ def make_rows(n: int, rng: random.Random, seen: set[str]) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build() -> dict[str, list[dict]]:
     rng, seen = random.Random(0), set()
+    return {split: make_rows(n, rng, seen) for split, n in (("train", 240), ("test", 48))}
+
+
+def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 240), ("test", 48)):
-        rows = make_rows(n, rng, seen)
+    for split, rows in build().items():
         (OUT / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{OUT / split}.jsonl: {n} rows")
+        print(f"{OUT / split}.jsonl: {len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,12 @@ def test_a_converted_dir_is_reused_without_any_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLLM2_DIR", str(where))
     monkeypatch.setattr(get_smollm2, "_fetch_gguf", lambda tmp: pytest.fail("fetched again"))
     assert get_smollm2.get_smollm2() == where
+
+
+def test_bundled_easy_rows_are_what_their_script_writes():
+    import runpy
+
+    build = runpy.run_path(str(ROOT / "scripts" / "make_easy_arith.py"))["build"]
+    for split, rows in build().items():
+        path = ROOT / "tests" / "fixtures" / "gsm8k_easy" / f"{split}.jsonl"
+        assert [json.loads(x) for x in path.read_text().splitlines()] == rows
