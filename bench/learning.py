@@ -28,14 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-for _name in [k for k in os.environ if k.startswith("GRPO_")]:
-    del os.environ[_name]  # the benchmark is configured by its own flags only
-os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import train_trl_grpo as T  # noqa: E402
-
-T.find_dotenv = lambda *a, **k: os.devnull  # no .env file: only the flags below count
 
 RISE = 0.3  # the treatment's least rise in one component (last 3 steps vs first 2)
 FLAT = 0.15  # the most any control component may move
@@ -120,6 +113,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--steps", type=int, default=T.DEMO["total_steps"], help="steps per arm")
     args = ap.parse_args()
+    for name in [k for k in os.environ if k.startswith("GRPO_")]:
+        del os.environ[name]  # the benchmark is configured by its own flags only
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    T.find_dotenv = lambda *a, **k: os.devnull  # no .env file: only the flags count
     if args.steps < 5:
         print("error: --steps must be >= 5 (first 2 vs last 3 steps)", file=sys.stderr)
         return 2

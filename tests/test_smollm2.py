@@ -68,7 +68,8 @@ def test_eval_only_gives_real_numbers(model_dir, clean_env, monkeypatch):
     monkeypatch.setenv("SMOLLM2_DIR", str(model_dir))
     out = clean_env / "o"
     argv = ["--dataset", "gsm8k", "--demo", "--eval-only", "--max-eval-samples", "4"]
-    argv += ["--eval-samples", "8", "--eval-ks", "1,8", "--output-dir", str(out)]
+    # 64 completions: the base model boxes a number in about 1 in 20 (the demo's instruction).
+    argv += ["--eval-samples", "16", "--eval-ks", "1,16", "--output-dir", str(out)]
     try:
         assert T.main(argv) == 0
     finally:
@@ -77,4 +78,4 @@ def test_eval_only_gives_real_numbers(model_dir, clean_env, monkeypatch):
     assert summary["format_rate"] > 0  # one non-empty boxed answer in a completion that ended
     assert 0 < summary["completion_length"] <= 48
     rows = json.loads((out / "eval" / "step_00000.json").read_text())["rows"]
-    assert len(rows) == 4 and all(r["n"] == 8 for r in rows)
+    assert len(rows) == 4 and all(r["n"] == 16 for r in rows)
