@@ -349,6 +349,16 @@ def validate(cfg: Config) -> None:
             not bad,
             f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
         )
+    need(
+        cfg.temperature > 0 or (cfg.eval_only and cfg.temperature == 0),
+        "temperature: must be > 0 to train (at 0 every completion of a GRPO group is the same)",
+    )
+    eval_t = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
+    need(
+        eval_t > 0 or (eval_t == 0 and cfg.eval_samples <= 1),
+        f"eval_temperature: {eval_t} with eval_samples={cfg.eval_samples}: greedy samples are all "
+        "the same; use --eval-samples 1, or --eval-greedy for greedy pass@1 beside sampled pass@k",
+    )
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
     need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
     cpu_threads(cfg)  # a bad OMP_NUM_THREADS is a config error too

@@ -91,6 +91,10 @@ def test_smoke_preset_yields_to_explicit_values(clean_env, monkeypatch):
         (["--eval-samples", "4", "--eval-ks", "1,8"], {}, "eval_ks"),
         (["--batch-size", "3", "--grad-accum-steps", "1"], {}, "num_generations"),
         (["--dataset", "gsm8k", "--eval-split", "validation"], {}, "eval_split"),
+        # Greedy decoding gives n identical samples: pass@k and maj@k would be pass@1 in disguise,
+        # and a GRPO group would have no variance to learn from.
+        (["--eval-temperature", "0", "--eval-samples", "4"], {}, "eval_temperature"),
+        (["--temperature", "0"], {}, "temperature"),
         (["--report-to", "wandb"], {"WANDB_API_KEY": "", "WANDB_MODE": "online"}, "WANDB_API_KEY"),
     ],
 )
