@@ -166,7 +166,9 @@ SMOLLM2_MODEL = "pypi:SmolLM2-135M-Instruct"
 # and evaluates on held-out ones. Short answers (a 135M model that "reasons" runs out of tokens
 # and earns nothing), an instruction the base model follows now and then (GRPO needs groups whose
 # rewards differ), temperature 0.7 (at 1.0 its samples are mostly noise), 2 prompts x 8
-# completions per step, and a high lr for a short run.
+# completions per step, and a high lr for a short run. Format weighs as much as correctness: a
+# right answer is a 1-in-20 chance at 135M, and at weight 0.1 that noise outweighed the format
+# signal (seed 43 chased "#### N" lines instead, and learned nothing).
 DEMO_INSTRUCTION = "Solve it in one line. Write the result as \\boxed{number}."
 DEMO = dict(
     model_id=SMOLLM2_MODEL,
@@ -176,6 +178,7 @@ DEMO = dict(
     gradient_checkpointing=False,
     instruction=DEMO_INSTRUCTION,
     temperature=0.7,
+    format_weight=1.0,
     lr=5e-5,
     total_steps=12,
     batch_size=16,
