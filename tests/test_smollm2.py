@@ -68,7 +68,7 @@ def test_eval_only_gives_real_numbers(model_dir, clean_env, monkeypatch):
     monkeypatch.setenv("SMOLLM2_DIR", str(model_dir))
     out = clean_env / "o"
     argv = ["--dataset", "gsm8k", "--demo", "--eval-only", "--max-eval-samples", "4"]
-    # 64 completions: the base model boxes a number in about 1 in 20 (the demo's instruction).
+    # 64 completions: the base model boxes one number in about 1 in 16 (the demo's baseline).
     argv += ["--eval-samples", "16", "--eval-ks", "1,16", "--output-dir", str(out)]
     try:
         assert T.main(argv) == 0
