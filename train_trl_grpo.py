@@ -122,7 +122,7 @@ class Config:
     # --- output ---
     output_dir: str = ""  # "" = outputs/<run_name>
     run_name: str = ""  # "" = <dataset>-<model name>
-    save_steps: int = 50
+    save_steps: int = 50  # 0 = no checkpoints, only the final model
     logging_steps: int = 1
     report_to: str = "tensorboard"  # wandb | tensorboard | none
     # --- what to run ---
@@ -190,7 +190,7 @@ DEMO = dict(
     eval_every=0,
     eval_samples=4,
     eval_ks="1,4",
-    save_steps=10_000,  # no checkpoints: saving 0.5 GB each time would cost more than a step
+    save_steps=0,  # no checkpoints: weights plus Adam state are 1.6 GB, nobody resumes a demo
     report_to="none",
     grader_workers=1,
 )
@@ -363,6 +363,7 @@ def validate(cfg: Config) -> None:
         "the same; use --eval-samples 1, or --eval-greedy for greedy pass@1 beside sampled pass@k",
     )
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
+    need(cfg.save_steps >= 0, "save_steps: must be >= 0 (0 = no checkpoints)")
     need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
     cpu_threads(cfg)  # a bad OMP_NUM_THREADS is a config error too
     need(cfg.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds: must be >= 1")
@@ -1780,7 +1781,7 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
         vllm_group_port=cfg.vllm_group_port,
         vllm_server_timeout=cfg.vllm_server_timeout,
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        save_strategy="steps",
+        save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps,
         logging_steps=cfg.logging_steps,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],

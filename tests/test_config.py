@@ -95,6 +95,7 @@ def test_smoke_preset_yields_to_explicit_values(clean_env, monkeypatch):
         # and a GRPO group would have no variance to learn from.
         (["--eval-temperature", "0", "--eval-samples", "4"], {}, "eval_temperature"),
         (["--temperature", "0"], {}, "temperature"),
+        (["--save-steps", "-1"], {}, "save_steps"),
         (["--report-to", "wandb"], {"WANDB_API_KEY": "", "WANDB_MODE": "online"}, "WANDB_API_KEY"),
     ],
 )

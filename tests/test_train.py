@@ -101,6 +101,17 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
     assert T.main(args) == 2
 
 
+def test_save_steps_0_keeps_no_checkpoint_only_the_final_model(tmp_path):
+    """A CPU demo's checkpoint (weights plus Adam state) is 1.6 GB that nobody resumes from."""
+    out = tmp_path / "o"
+    args = ["--smoke", "--output-dir", str(out), "--total-steps", "2", "--save-steps", "0"]
+    assert T.main([*args, "--eval-every", "0", "--max-eval-samples", "2"]) == 0
+    assert not list(out.glob("checkpoint-*"))
+    assert (out / "final" / "config.json").exists()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert T.resolve_config(["--demo"]).save_steps == 0
+
+
 @pytest.mark.parametrize("dataset", ["math", "mbpp"])
 def test_smoke_runs_for_every_dataset(tmp_path, dataset):
     out = tmp_path / dataset
