@@ -3,9 +3,10 @@
 
     uv run python scripts/make_easy_arith.py     # deterministic: the same files every time
 
-Real GSM8K is out of reach for a 135M model (correctness ~0, so GRPO's groups have no variance
-to learn from). These problems take one operation on small numbers, where SmolLM2-135M-Instruct
-is right now and then: correctness can be seen to rise, not only the answer format. Each row is
+Real GSM8K is out of reach for a 135M model (1 right answer in 96): its attempts ramble past the
+token budget. These problems take one operation on single digits, which SmolLM2-135M-Instruct
+answers in a line and gets right about 1 time in 20; in 12 demo steps its answer format rises,
+its arithmetic does not (README, "Does it learn?"). Each row is
 {"question", "answer"} like GSM8K's, the answer ending in "#### N". The train and test files
 share no question.
 """
@@ -32,7 +33,7 @@ TEMPLATES = [
 
 
 def draw(rng: random.Random, kind: str) -> tuple[int, int]:
-    """Single digits: the 135M model's arithmetic is right now and then there, rarely beyond."""
+    """Single digits: beyond them the 135M model is almost never right."""
     if kind == "add":
         return rng.randint(2, 9), rng.randint(2, 9)
     if kind == "sub":
