@@ -10,7 +10,7 @@ Plumbing, not task logic: it reads each run's own files (`resolved_config.json`,
 3. writes one PNG: each headline metric over steps for every run (95 % bands; hollow markers for
    mid-run evaluations on the eval_subsample), and the paired differences.
 
-Intervals come from train_trl_grpo.bootstrap_ci (percentile bootstrap over problems, fixed seed),
+Intervals come from eval_stats.bootstrap_ci (percentile bootstrap over problems, fixed seed),
 the same function the eval files use; paired ones resample the per-problem differences, so the
 problem-to-problem spread that both runs share cancels. run_sweep.sh's end-of-sweep table is this.
 """
@@ -22,7 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import train_trl_grpo as T
+from config_cli import OneLineParser
+from errors import ConfigError, DataError
+from eval_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci, format_ci, problem_scores
 
 HEADLINE = ("pass@", "mean@", "maj@", "greedy_pass@1")
 
@@ -44,21 +46,21 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError:
-        raise T.DataError(f"{path}: not valid JSON") from None
+        raise DataError(f"{path}: not valid JSON") from None
 
 
 def load_run(path: str) -> Run:
     d = Path(path)
     if not d.is_dir():
-        raise T.DataError(f"{path}: no such run directory")
+        raise DataError(f"{path}: no such run directory")
     files = sorted(d.glob("eval/step_*.json"))
     if not files:
-        raise T.DataError(f"{path}: no eval/step_*.json (the run never finished an evaluation)")
+        raise DataError(f"{path}: no eval/step_*.json (the run never finished an evaluation)")
     evals = []
     for f in files:
         ev = _read_json(f)
         if not isinstance(ev.get("rows"), list) or not ev["rows"] or "summary" not in ev:
-            raise T.DataError(f"{f}: not an evaluation file (no summary or rows)")
+            raise DataError(f"{f}: not an evaluation file (no summary or rows)")
         evals.append(ev)
     evals.sort(key=lambda e: e["step"])
     cfg_file, summary_file = d / "resolved_config.json", d / "summary.json"
@@ -72,13 +74,13 @@ def scores(ev: dict) -> dict[str, dict[int, float]]:
     ks = sorted(int(k[len("pass@") :]) for k in ev["summary"] if k.startswith("pass@"))
     majority = any(k.startswith("maj@") for k in ev["summary"])
     rows = ev["rows"]
-    per = T.problem_scores(rows, ks, majority)
+    per = problem_scores(rows, ks, majority)
     return {m: dict(zip([r["row"] for r in rows], v, strict=True)) for m, v in per.items()}
 
 
 def intervals(ev: dict) -> dict[str, tuple[float, float]]:
     # From the rows rather than the file's ci95, so eval files written before ci95 existed work.
-    return {m: T.bootstrap_ci(list(v.values())) for m, v in scores(ev).items()}
+    return {m: bootstrap_ci(list(v.values())) for m, v in scores(ev).items()}
 
 
 def paired(a: dict, b: dict) -> tuple[int, dict[str, tuple[float, tuple[float, float]]]]:
@@ -88,7 +90,7 @@ def paired(a: dict, b: dict) -> tuple[int, dict[str, tuple[float, tuple[float, f
     out = {}
     for m in sa.keys() & sb.keys() if shared else ():
         diffs = [sb[m][r] - sa[m][r] for r in shared]
-        out[m] = (sum(diffs) / len(diffs), T.bootstrap_ci(diffs))
+        out[m] = (sum(diffs) / len(diffs), bootstrap_ci(diffs))
     return len(shared), out
 
 
@@ -141,7 +143,7 @@ def print_report(runs: list[Run]) -> None:
             f"step {ev['step']}, {len(ev['rows'])} {where}",
         ]
         cells += [
-            T.format_ci(ev["summary"][m], ci.get(m)) if m in ev["summary"] else "-" for m in metrics
+            format_ci(ev["summary"][m], ci.get(m)) if m in ev["summary"] else "-" for m in metrics
         ]
         table.append(cells)
     print("final evaluations (95 % intervals):")
@@ -158,13 +160,13 @@ def print_report(runs: list[Run]) -> None:
                     continue
                 d, (lo, hi) = diffs[m]
                 star = "*" if lo > 0 or hi < 0 else " "
-                cells.append(T.format_ci(d, [lo, hi], "+") + star)
+                cells.append(format_ci(d, [lo, hi], "+") + star)
             table.append(cells)
         print(f"\npaired differences from ref = {ref.name} (final evaluations, shared problems):")
         _print(table)
     print(
-        f"\n95 % intervals: percentile bootstrap over problems, {T.BOOTSTRAP_RESAMPLES} "
-        f"resamples, seed {T.BOOTSTRAP_SEED}; * = the interval excludes 0",
+        f"\n95 % intervals: percentile bootstrap over problems, {BOOTSTRAP_RESAMPLES} "
+        f"resamples, seed {BOOTSTRAP_SEED}; * = the interval excludes 0",
         flush=True,
     )
 
@@ -235,7 +237,7 @@ def plot(runs: list[Run], path: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    p = T._Parser(
+    p = OneLineParser(
         prog="train_trl_grpo.py --compare",
         description="Final metrics, paired differences and one PNG for finished runs.",
     )
@@ -246,18 +248,18 @@ def main(argv: list[str]) -> int:
         runs = [load_run(r) for r in args.runs]
         for run in runs[1:]:
             if run.eval_set != runs[0].eval_set:
-                raise T.DataError(
+                raise DataError(
                     f"{run.path} was evaluated on {'/'.join(map(str, run.eval_set))} and "
                     f"{runs[0].path} on {'/'.join(map(str, runs[0].eval_set))}: nothing to pair"
                 )
             if not paired(runs[0].final, run.final)[0]:
-                raise T.DataError(f"{run.path} and {runs[0].path} share no evaluated problem")
+                raise DataError(f"{run.path} and {runs[0].path} share no evaluated problem")
         print_report(runs)
         print(f"comparison plot: {plot(runs, Path(args.png))}")
         return 0
-    except T.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except T.DataError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,17 @@
-"""What TRL 1.16's GRPOTrainer lacks, as one small subclass of it (no fork): dynamic sampling and a
-per-step time breakdown. train_trl_grpo.py builds its trainer from `GRPOTrainerPlus`.
+"""Where the GRPO loop is, and what this harness adds to it (a subclass of TRL 1.16's
+GRPOTrainer, not a fork), plus the callbacks train_trl_grpo.py hangs on it.
+
+The loop is TRL's. Per optimizer step, `Trainer.training_step` runs once per micro-batch; every
+`steps_per_generation` micro-batches, `GRPOTrainer._prepare_inputs` calls
+`_generate_and_score_completions`, which generates (`_generate`: vLLM or transformers), scores
+(`_calculate_rewards`: the reward functions, weighted by `reward_weights`), and computes the
+group-relative advantages ((reward - group mean) / group std, per `scale_rewards`), the old
+log-probs (`_get_per_token_logps_and_entropies`) and vLLM's importance-sampling weights.
+`_compute_loss` (via `compute_loss`) then computes the clipped policy-gradient loss of `loss_type`
+with the optional KL term. To change how advantages or the loss are computed, override those two
+methods in `DynamicSamplingGRPOTrainer` below; everything else here leaves them as TRL has them.
+
+What the subclass adds:
 
 * Dynamic sampling (DAPO, arXiv:2503.14476): a group whose completions all got the same total
   reward has zero advantage everywhere, so it carries no GRPO signal. With `dynamic_sampling=True`
@@ -15,6 +27,10 @@ per-step time breakdown. train_trl_grpo.py builds its trainer from `GRPOTrainerP
   (forward, backward, the old/ref log-prob passes and the optimizer), `time/weight_sync`,
   `time/eval`, their window `time/step` (from the step's start to the end of its evaluation;
   checkpoint saving and logging come after it) and `generation/tokens_per_s`.
+
+The callbacks: `LogCallback` appends every log to output_dir/log.jsonl as it happens;
+`EvalCallback` evaluates at the baseline, every eval_every steps and at the last step, on the
+weights the generation engine holds.
 """
 
 from __future__ import annotations
@@ -22,12 +38,15 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 
 import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+
+from run_log import append_log
 
 TIME_KEYS = ("generation", "reward", "train", "weight_sync", "eval")
 
@@ -63,7 +82,7 @@ class _StepTimer(TrainerCallback):
     """Opens the step window at on_step_begin and closes it in on_step_end. Added after every
     other callback, so the evaluation callback's on_step_end falls inside the window."""
 
-    def __init__(self, trainer: GRPOTrainerPlus) -> None:
+    def __init__(self, trainer: DynamicSamplingGRPOTrainer) -> None:
         self.t = trainer
         self.begin = 0.0
 
@@ -89,8 +108,8 @@ class _StepTimer(TrainerCallback):
             )
 
 
-class GRPOTrainerPlus(GRPOTrainer):
-    """GRPOTrainer with dynamic sampling (off by default) and per-step timing."""
+class DynamicSamplingGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with dynamic sampling (off by default) and the per-step time breakdown."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
@@ -213,3 +232,87 @@ class GRPOTrainerPlus(GRPOTrainer):
 def _pad_to(x: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:
     fill = x.new_full((x.size(0), width - x.size(1)), value)
     return torch.cat([fill, x] if side == "left" else [x, fill], dim=1)
+
+
+def print_run_summary(args, weights_dtype) -> None:
+    """What a step is, and what TRL does silently, said once at start."""
+    compute = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"precision: {str(weights_dtype).removeprefix('torch.')} weights, {compute} compute")
+    world = args.world_size
+    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    print(
+        f"batch: {total} completions per optimizer step (global) = {total // args.num_generations} "
+        f"prompts per step x {args.num_generations} generations per prompt; {world} trainer "
+        f"process(es) x {args.per_device_train_batch_size} completions per micro-step x "
+        f"{args.gradient_accumulation_steps} micro-steps"
+    )
+    print(
+        f"lr: {args.learning_rate:g}, schedule {args.lr_scheduler_type.value}, "
+        f"{args.warmup_steps} warm-up steps, {args.max_steps} steps"
+    )
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        print(
+            "vLLM importance-sampling correction: on (TRL's default; "
+            f"mode {args.vllm_importance_sampling_mode}, clip max "
+            f"{args.vllm_importance_sampling_clip_max}): corrects the gap between vLLM's and "
+            "the trainer's log-probs"
+        )
+    else:
+        print("vLLM importance-sampling correction: off (--vllm-mode none: no vLLM to correct)")
+    sys.stdout.flush()
+
+
+# --- callbacks ----------------------------------------------------------------------------------
+class LogCallback(TrainerCallback):
+    """Every log (training steps, and evaluations through on_log) appended to log.jsonl."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:  # marks where a resumed run picks up (run_log.read_log)
+            append_log(self.output_dir, {"event": "train_begin", "step": state.global_step})
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if state.is_world_process_zero and logs:
+            append_log(self.output_dir, {**logs, "step": state.global_step})
+
+
+class EvalCallback(TrainerCallback):
+    """Baseline before step 1, every `every` steps, and the final weights at the last step.
+
+    `evaluate(trainer, step, whole)` runs on the main process and returns the evaluation's record
+    (train_trl_grpo.evaluate's); `whole` is False for the evaluations between baseline and final,
+    which may use a subsample. The record's summary goes to the report_to loggers as eval_*."""
+
+    def __init__(self, evaluate, every: int) -> None:
+        self.evaluate, self.every = evaluate, every
+        self.trainer = None  # set once the trainer exists
+
+    def run(self, state, control, args, whole: bool = True) -> None:
+        t = self.trainer
+        if t.use_vllm and state.global_step != t._last_loaded_step:
+            # TRL pushes weights lazily before its next generation; evaluate what we claim.
+            t.vllm_generation.sync_weights()
+            t._last_loaded_step = state.global_step
+        if t.accelerator.is_main_process:
+            record = self.evaluate(t, state.global_step, whole)
+            # "eval_" is the prefix the wandb and tensorboard callbacks file under "eval/".
+            logs = {f"eval_{k}": v for k, v in record["summary"].items()}
+            logs["eval_problems"] = record["problems"]
+            # Straight to the report_to loggers; on_log clears should_log, which would drop this
+            # step's own training log, so keep it.
+            should_log = control.should_log
+            t.callback_handler.on_log(args, state, control, logs=logs)
+            control.should_log = should_log
+        t.accelerator.wait_for_everyone()
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.global_step == 0:
+            self.run(state, control, args)
+
+    def on_step_end(self, args, state, control, **kw):
+        last = state.global_step >= state.max_steps
+        if last or (self.every and state.global_step % self.every == 0):
+            with self.trainer.clock.section("eval"):  # logged as time/eval
+                self.run(state, control, args, whole=last)

@@ -79,7 +79,7 @@ is already taken.
 
 Examples:
   ./run_algo.sh                                   # GSM8K: server on GPU 0, trainer on GPU 1
-  VLLM_GPU=2 TRAIN_GPU=3 VLLM_PORT=8001 ./run_algo.sh math -- --max-steps 100
+  VLLM_GPU=2 TRAIN_GPU=3 VLLM_PORT=8001 ./run_algo.sh math -- --total-steps 100
   TRAIN_GPU=1,2,3,4 ACCELERATE_CONFIG=zero3 ./run_algo.sh mbpp   # 4 trainer processes
   VLLM_MODE=colocate ./run_algo.sh gsm8k          # one GPU (0), vLLM inside the trainer
   SERVE_ONLY=1 VLLM_GPU=0,1 VLLM_TENSOR_PARALLEL=2 ./run_algo.sh   # node A: server only
@@ -87,11 +87,8 @@ Examples:
 EOF
 }
 
-log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
-die() {
-    printf '%s: error: %s\n' "$PROG" "$*" >&2
-    exit 2
-}
+# shellcheck source=scripts/launcher_common.sh
+source "$ROOT/scripts/launcher_common.sh"
 
 # ---------------------------------------------------------------- arguments
 DATASET=gsm8k
@@ -130,8 +127,6 @@ for var in GRPO_DATASET GRPO_MODEL_ID GRPO_VLLM_MODE GRPO_VLLM_HOST GRPO_VLLM_PO
 done
 
 # ---------------------------------------------------------------- settings
-is_true() { [[ ${1,,} == 1 || ${1,,} == true || ${1,,} == yes || ${1,,} == on ]]; }
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 check_port() {
     if ! is_uint "$2" || ((10#$2 < 1 || 10#$2 > 65535)); then
         die "$1 must be a port number (1-65535), got '$2'"

@@ -59,13 +59,8 @@ Examples:
 EOF
 }
 
-log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
-die() {
-    printf '%s: error: %s\n' "$PROG" "$*" >&2
-    exit 2
-}
-is_true() { [[ ${1,,} == 1 || ${1,,} == true || ${1,,} == yes || ${1,,} == on ]]; }
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+# shellcheck source=scripts/launcher_common.sh
+source "$ROOT/scripts/launcher_common.sh"
 duration() {
     local s=$1
     if ((s >= 3600)); then
@@ -112,11 +107,11 @@ for var in VLLM_GPU TRAIN_GPU VLLM_PORT VLLM_GROUP_PORT MAIN_PROCESS_PORT LOG_DI
     [[ -z ${!var+x} ]] || die "$var is set per run by this script; unset it (GPUS, PORT_BASE, SWEEP_DIR and SWEEP_NAME choose them)"
 done
 
-# The Config fields, read from the dataclass itself so the list never goes stale.
-mapfile -t CONFIG_FIELDS < <(awk '/^class Config:/ { inside = 1; next }
-    inside && /^[^ #]/ { exit }
-    inside && /^    [a-z_][a-z0-9_]*: / { sub(/^ +/, ""); sub(/:.*/, ""); print }' "$ROOT/train_trl_grpo.py")
-((${#CONFIG_FIELDS[@]})) || die "cannot read the Config fields from $ROOT/train_trl_grpo.py"
+# The Config fields, as the trainer itself lists them, so the list never goes stale.
+PY=${VIRTUAL_ENV:-$ROOT/.venv}/bin/python
+[[ -x $PY ]] || PY=python3
+mapfile -t CONFIG_FIELDS < <("$PY" "$ROOT/train_trl_grpo.py" --config-fields 2>/dev/null)
+((${#CONFIG_FIELDS[@]})) || die "cannot list the Config fields ($PY $ROOT/train_trl_grpo.py --config-fields failed): set up the environment first with uv sync"
 is_field() {
     local f
     for f in "${CONFIG_FIELDS[@]}"; do [[ $f == "$1" ]] && return 0; done
@@ -277,8 +272,6 @@ done
 # The trainer's config validation, for every run in one Python process (a bad value would
 # otherwise fail each run only after its server has loaded). Skipped when there is no
 # environment yet: then run_algo.sh sets it up and each trainer checks itself.
-PY=${VIRTUAL_ENV:-$ROOT/.venv}/bin/python
-[[ -x $PY ]] || PY=python3
 CHECK='
 import os, sys
 try:

@@ -50,10 +50,11 @@ for _name in [k for k in os.environ if k.startswith("GRPO_")]:
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import config_cli  # noqa: E402
 import train_trl_grpo as harness  # noqa: E402
 
 # No .env lookup (it walks up parent directories): this check reads only the repository.
-harness.find_dotenv = lambda *a, **k: os.devnull
+config_cli.find_dotenv = lambda *a, **k: os.devnull
 
 # Qwen/Qwen2.5-1.5B-Instruct config.json, as published.
 QWEN25_1_5B = dict(

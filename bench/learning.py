@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import config_cli  # noqa: E402
 import train_trl_grpo as T  # noqa: E402
 
 RISE = 0.3  # the treatment's least rise in one component (last 3 steps vs first 2)
@@ -117,7 +118,7 @@ def main() -> int:
         del os.environ[name]  # the benchmark is configured by its own flags only
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    T.find_dotenv = lambda *a, **k: os.devnull  # no .env file: only the flags count
+    config_cli.find_dotenv = lambda *a, **k: os.devnull  # no .env file: only the flags count
     if args.steps < 5:
         print("error: --steps must be >= 5 (first 2 vs last 3 steps)", file=sys.stderr)
         return 2

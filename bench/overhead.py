@@ -45,10 +45,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Idle OpenMP threads sleep instead of spinning, so CPU time means work even on a busy machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import config_cli  # noqa: E402
 import train_trl_grpo as harness  # noqa: E402
 
 # No .env file either: both sides must see exactly the numbers below.
-harness.find_dotenv = lambda *a, **k: os.devnull
+config_cli.find_dotenv = lambda *a, **k: os.devnull
 
 # Same words as the harness's defaults, written out as a user would.
 SYSTEM_PROMPT = "You are a helpful assistant."

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import models
 import train_trl_grpo as T
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -72,8 +73,8 @@ def test_chatml_template_only_for_tokenizers_without_one(clean_env, tmp_path, to
     conf.pop("chat_template", None)
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(conf))
     bare = T.load_tokenizer(_cfg("--model-id", str(tmp_path / "tok")))
-    assert bare.chat_template == T.CHATML_TEMPLATE
-    assert T.load_tokenizer(_cfg()).chat_template != T.CHATML_TEMPLATE  # Qwen's own is kept
+    assert bare.chat_template == models.CHATML_TEMPLATE
+    assert T.load_tokenizer(_cfg()).chat_template != models.CHATML_TEMPLATE  # Qwen's own is kept
 
 
 def test_parquet_files_load_like_jsonl(clean_env, tmp_path):

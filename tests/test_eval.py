@@ -26,6 +26,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import eval_stats  # noqa: E402
+import generation  # noqa: E402
 import train_trl_grpo as ttg  # noqa: E402
 from train_trl_grpo import ConfigError, EvalError, Sample  # noqa: E402
 
@@ -63,13 +65,14 @@ def test_pass_at_k_matches_brute_force_enumeration():
             for k in range(1, n + 1):
                 subsets = list(combinations(outcomes, k))
                 expected = sum(any(s) for s in subsets) / len(subsets)
-                assert ttg.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+                got = eval_stats.pass_at_k(n, c, k)
+                assert got == pytest.approx(expected, abs=1e-12), (n, c, k)
 
 
 @pytest.mark.parametrize(("n", "c", "k"), [(3, 1, 4), (0, 0, 1), (8, 8, 9), (1, 0, 20)])
 def test_pass_at_k_needs_k_samples(n, c, k):
     with pytest.raises(ValueError, match=f"pass@{k}"):
-        ttg.pass_at_k(n, c, k)
+        eval_stats.pass_at_k(n, c, k)
 
 
 def test_eval_ks_above_eval_samples_is_rejected_never_clamped(capsys):
@@ -86,21 +89,21 @@ def test_eval_ks_above_eval_samples_is_rejected_never_clamped(capsys):
 # ------------------------------------------------------------------------------------------------
 def test_majority_correct():
     # The most frequent answer wins, right or wrong.
-    assert ttg.majority_correct(["1", "2", "2"], [False, True, True]) is True
-    assert ttg.majority_correct(["1", "2", "2"], [True, False, False]) is False
+    assert eval_stats.majority_correct(["1", "2", "2"], [False, True, True]) is True
+    assert eval_stats.majority_correct(["1", "2", "2"], [True, False, False]) is False
     # Ties go to the answer seen first, whichever order the counts come in.
-    assert ttg.majority_correct(["a", "b", "b", "a"], [True, False, False, True]) is True
-    assert ttg.majority_correct(["b", "a", "a", "b"], [False, True, True, False]) is False
-    assert ttg.majority_correct(["x", "y"], [False, True]) is False
-    assert ttg.majority_correct(["y", "x"], [True, False]) is True
+    assert eval_stats.majority_correct(["a", "b", "b", "a"], [True, False, False, True]) is True
+    assert eval_stats.majority_correct(["b", "a", "a", "b"], [False, True, True, False]) is False
+    assert eval_stats.majority_correct(["x", "y"], [False, True]) is False
+    assert eval_stats.majority_correct(["y", "x"], [True, False]) is True
     # None (no answer extracted) does not vote: two Nones do not outvote one answer.
-    assert ttg.majority_correct([None, None, "3"], [False, False, True]) is True
-    assert ttg.majority_correct(
+    assert eval_stats.majority_correct([None, None, "3"], [False, False, True]) is True
+    assert eval_stats.majority_correct(
         [None, "3", None, "4", "4"], [False, True, False, False, False]
     ) is (False)
     # Nothing extracted at all: wrong, whatever the correctness flags say.
-    assert ttg.majority_correct([None, None], [False, False]) is False
-    assert ttg.majority_correct([None], [True]) is False
+    assert eval_stats.majority_correct([None, None], [False, False]) is False
+    assert eval_stats.majority_correct([None], [True]) is False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,7 +624,7 @@ def test_eval_only_on_a_server_the_launcher_just_started_has_no_weights_warning(
 
 
 def test_server_client_fails_loudly_after_retries(stand_in, monkeypatch):
-    sleeps = fast_time(monkeypatch, ttg)
+    sleeps = fast_time(monkeypatch, generation)
     server = stand_in(fail=-1)
     gen = ttg.vllm_server_generate(server.url, MODEL)
     with pytest.raises(EvalError, match="failed 3 times"):
@@ -631,7 +634,7 @@ def test_server_client_fails_loudly_after_retries(stand_in, monkeypatch):
 
 
 def test_server_client_wrong_choice_count_is_an_error(stand_in, monkeypatch):
-    fast_time(monkeypatch, ttg)
+    fast_time(monkeypatch, generation)
     server = stand_in(drop=1)
     with pytest.raises(EvalError, match="got 3 completions, expected 4"):
         ttg.vllm_server_generate(server.url, MODEL)(["a", "b"], 2, SP)
@@ -639,7 +642,7 @@ def test_server_client_wrong_choice_count_is_an_error(stand_in, monkeypatch):
 
 
 def test_server_client_retries_a_transient_failure(stand_in, monkeypatch):
-    sleeps = fast_time(monkeypatch, ttg)
+    sleeps = fast_time(monkeypatch, generation)
     server = stand_in(fail=1)
     out = ttg.vllm_server_generate(server.url, MODEL)(["a", "b"], 2, SP)
     assert [[s.text for s in g] for g in out] == [["a#0", "a#1"], ["b#0", "b#1"]]
@@ -677,7 +680,7 @@ def test_completion_length_counts_the_end_of_sequence_token_in_every_backend(tok
     stopped = [[11, 12, eos], [11, 12, 13, 14], [11, eos]]
     sp = {**SP, "max_tokens": 4}
     hf = ttg.hf_generate(_ScriptedModel(padded), tokenizer)(["a"], 3, sp)[0]
-    colocate = ttg._samples_from_ids(tokenizer, stopped, 4)
+    colocate = generation.samples_from_ids(tokenizer, stopped, 4)
     finish = ["stop", "length", "stop"]
     server = stand_in(answer=lambda prompt, j: ("x", stopped[j], finish[j]))
     served = ttg.vllm_server_generate(server.url, MODEL)(["a"], 3, sp)[0]
@@ -713,7 +716,7 @@ def _server_cfg(port: int, *extra: str):
 
 
 def test_check_vllm_server_none_running(monkeypatch):
-    fast_time(monkeypatch, ttg)
+    fast_time(monkeypatch, generation)
     port = free_port()
     cfg = _server_cfg(port, "--vllm-server-timeout", "1")
     start = time.monotonic()

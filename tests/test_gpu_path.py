@@ -10,6 +10,8 @@ import pytest
 from conftest import FIXTURES, run_script
 
 import train_trl_grpo as T
+from grader_pools import sandbox_worker_count
+from grpo_extensions import print_run_summary
 
 
 def _even_token_share(completion_ids, **_) -> list[float]:
@@ -128,7 +130,7 @@ def test_eval_only_against_a_server_needs_no_vllm_package(clean_env, monkeypatch
         importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
     )
     cfg = T.resolve_config(["--vllm-mode", "server", "--eval-only", "--output-dir", "o"])
-    T.check_vllm_package(cfg)  # HTTP only: no error
+    T.check_vllm_package(cfg, T.is_training(cfg))  # HTTP only: no error
 
 
 # ---------------------------------------------------------------- several trainer processes
@@ -158,7 +160,7 @@ def test_global_batch_does_not_grow_with_trainer_gpus(clean_env, stand_in_world,
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * world == 24
     assert args.generation_batch_size == 24
     assert args.per_device_train_batch_size <= cfg.batch_size  # micro-batch memory never grows
-    T.print_run_summary(cfg, args, "float32")
+    print_run_summary(args, "float32")
     out = capsys.readouterr().out
     assert "batch: 24 completions per optimizer step (global) = 6 prompts per step x 4 " in out
     assert f"{world} trainer process(es)" in out
@@ -182,15 +184,15 @@ def test_sandbox_workers_share_the_usable_cpus_among_local_ranks(clean_env, monk
     monkeypatch.setattr(T.os, "cpu_count", lambda: 128)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     cfg = T.resolve_config(["--dataset", "mbpp", "--output-dir", "o"])
-    assert T.sandbox_workers(cfg) == 4
+    assert sandbox_worker_count(cfg.sandbox_workers) == 4
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert T.sandbox_workers(cfg) == 12
+    assert sandbox_worker_count(cfg.sandbox_workers) == 12
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert T.sandbox_workers(cfg) == 1
+    assert sandbox_worker_count(cfg.sandbox_workers) == 1
     explicit = T.resolve_config(
         ["--dataset", "mbpp", "--output-dir", "o", "--sandbox-workers", "5"]
     )
-    assert T.sandbox_workers(explicit) == 5
+    assert sandbox_worker_count(explicit.sandbox_workers) == 5
 
 
 @pytest.mark.parametrize(("rank", "written"), [("0", True), ("1", False)])
@@ -230,7 +232,7 @@ def test_summary_says_whether_vllm_importance_sampling_is_on(clean_env, capsys, 
     cfg = T.resolve_config(["--vllm-mode", mode, "--output-dir", "o", "--report-to", "none"])
     args = T.grpo_config(cfg)
     assert (args.use_vllm and args.vllm_importance_sampling_correction) is on
-    T.print_run_summary(cfg, args, "float32")
+    print_run_summary(args, "float32")
     out = capsys.readouterr().out
     assert ("importance-sampling correction: on" in out) is on
     assert ("importance-sampling correction: off" in out) is not on

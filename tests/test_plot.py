@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+import run_log
 import train_trl_grpo as T
 from grpo_extensions import TIME_KEYS
 
@@ -51,7 +52,7 @@ def _panels(fig) -> dict:
 
 
 def test_metrics_figure_panels_and_eval_bands(tmp_path):
-    fig = T.metrics_figure(str(tmp_path), _log(), _evals(tmp_path, ci=True))
+    fig = run_log.metrics_figure(str(tmp_path), _log(), _evals(tmp_path, ci=True))
     panels = _panels(fig)
     assert len(panels) == 6
     reward = panels["training reward by component (mean)"]
@@ -68,7 +69,7 @@ def test_metrics_figure_panels_and_eval_bands(tmp_path):
 
 
 def test_no_band_without_intervals_and_missing_metrics_say_so(tmp_path):
-    fig = T.metrics_figure(str(tmp_path), [], _evals(tmp_path, ci=False))
+    fig = run_log.metrics_figure(str(tmp_path), [], _evals(tmp_path, ci=False))
     panels = _panels(fig)
     assert not panels["evaluation (bands: 95 % CI where computed)"].collections
     texts = [t.get_text() for t in panels["training reward by component (mean)"].texts]

@@ -97,7 +97,7 @@ def test_math_format_pays_any_single_nonempty_answer_on_math(tmp_path):
 
 def test_math_format_uses_the_correctness_extraction(tmp_path):
     """Whatever the format reward pays for, the correctness reward reads the same answer."""
-    mg = T.math_grader()
+    mg = T.math_grader
     texts = ["\\fbox{18}", "\\boxed 18", "\\boxed{18 eggs}", "\\boxed{}", "\\boxed{x}"]
     scores = fmt("gsm8k", tmp_path, texts)
     assert scores == [1.0, 1.0, 1.0, 0.0, 0.0]

@@ -431,12 +431,6 @@ def test_missing_deepspeed_is_refused(make_run):
     assert run.server is None and run.trainer is None
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_shellcheck_clean():
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 # ---------------------------------------------------------------- real runs with stand-ins
 def test_trainer_starts_after_health_with_same_model_port_and_pinned_gpus(make_run, tmp_path):
     run = make_run(

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import fast_time, free_port
 
+import modes
+import run_log
+import startup
 import train_trl_grpo as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +151,7 @@ def test_default_command_names_the_server_before_any_heavy_import(tmp_path):
 
 
 def test_refused_connection_is_not_waited_for(monkeypatch):
-    sleeps = fast_time(monkeypatch, T)
+    sleeps = fast_time(monkeypatch, startup)
     port = free_port()
     cfg = T.resolve_config(["--vllm-port", str(port), "--vllm-server-timeout", "600"])
     with pytest.raises(T.ConfigError, match=f"nothing listens at 127.0.0.1:{port}"):
@@ -157,7 +160,7 @@ def test_refused_connection_is_not_waited_for(monkeypatch):
 
 
 def test_listening_but_unhealthy_server_is_waited_for(monkeypatch, health):
-    sleeps = fast_time(monkeypatch, T)
+    sleeps = fast_time(monkeypatch, startup)
     server = health(sick=3)
     cfg = T.resolve_config(["--smoke", "--vllm-mode", "server", "--vllm-port", str(server.port)])
     assert T.check_vllm_server(cfg) is None
@@ -165,7 +168,7 @@ def test_listening_but_unhealthy_server_is_waited_for(monkeypatch, health):
 
 
 def test_server_that_never_gets_healthy_times_out_naming_it(monkeypatch, health):
-    fast_time(monkeypatch, T)
+    fast_time(monkeypatch, startup)
     server = health(sick=10**9)
     cfg = T.resolve_config(
         ["--smoke", "--vllm-mode", "server", "--vllm-port", str(server.port)]
@@ -235,14 +238,14 @@ def test_reachable_hub_stays_online(monkeypatch, health):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.port}")
     cfg = T.resolve_config(["--vllm-mode", "none", "--model-id", "nobody/not-a-model"])
-    assert T.check_hub(cfg) is None
+    assert T.check_hub(cfg, T.BUILTIN_MODELS) is None
     assert "HF_HUB_OFFLINE" not in os.environ
 
 
 def test_hub_is_not_probed_when_nothing_needs_it(monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    T.check_hub(T.resolve_config(["--smoke"]))
+    T.check_hub(T.resolve_config(["--smoke"]), T.BUILTIN_MODELS)
     assert "HF_HUB_OFFLINE" not in os.environ and capsys.readouterr().out == ""
 
 
@@ -284,7 +287,7 @@ def test_missing_paths_fail_in_one_line_before_heavy_imports(tmp_path, args, rc,
     ],
 )
 def test_hub_id_shape(model_id, ok):
-    assert T.is_hub_id(model_id) is ok
+    assert startup.is_hub_id(model_id) is ok
 
 
 def test_existing_paths_pass(tmp_path):
@@ -295,7 +298,7 @@ def test_existing_paths_pass(tmp_path):
         ["--resume", "--output-dir", str(tmp_path / "run"), "--score", str(tmp_path / "s.jsonl")]
         + ["--model-id", str(tmp_path), "--data-dir", str(tmp_path)]
     )
-    assert T.check_paths(cfg) is None
+    assert T.check_paths(cfg, T.BUILTIN_MODELS) is None
     assert T.last_checkpoint(cfg.output_dir) == str(tmp_path / "run" / "checkpoint-12")
 
 
@@ -305,19 +308,19 @@ def test_existing_paths_pass(tmp_path):
 @pytest.mark.parametrize(
     ("args", "ks"),
     [
-        ([], "1,2,4,8,10"),
-        (["--eval-samples", "4"], "1,2,4"),
-        (["--eval-samples", "6"], "1,2,4,6"),
-        (["--eval-samples", "1"], "1"),
-        (["--eval-samples", "16"], "1,2,4,8,16"),
-        (["--eval-samples", "0", "--num-generations", "8"], "1,2,4,8"),  # train/pass@k only
-        (["--eval-samples", "4", "--eval-ks", "3,1"], "3,1"),  # explicit ks are kept
+        ([], (1, 2, 4, 8, 10)),
+        (["--eval-samples", "4"], (1, 2, 4)),
+        (["--eval-samples", "6"], (1, 2, 4, 6)),
+        (["--eval-samples", "1"], (1,)),
+        (["--eval-samples", "16"], (1, 2, 4, 8, 16)),
+        (["--eval-samples", "0", "--num-generations", "8"], (1, 2, 4, 8)),  # train/pass@k only
+        (["--eval-samples", "4", "--eval-ks", "3,1"], (1, 3)),  # explicit ks are kept, sorted
     ],
 )
 def test_eval_ks_follow_eval_samples(args, ks):
     cfg = T.resolve_config(args)
     assert cfg.eval_ks == ks
-    assert all(k <= (cfg.eval_samples or cfg.num_generations) for k in T.eval_ks(cfg))
+    assert all(k <= (cfg.eval_samples or cfg.num_generations) for k in cfg.eval_ks)
 
 
 def test_explicit_eval_ks_above_eval_samples_stay_an_error(monkeypatch):
@@ -362,8 +365,10 @@ def test_a_run_killed_before_its_first_checkpoint_keeps_its_log(monkeypatch, tmp
 
     (out / "metrics.png").unlink(missing_ok=True)
     seen = {}
-    plot = T.plot_metrics
-    monkeypatch.setattr(T, "plot_metrics", lambda d, h, e: seen.update(h=h, e=e) or plot(d, h, e))
+    plot = modes.plot_metrics
+    monkeypatch.setattr(
+        modes, "plot_metrics", lambda d, h, e: seen.update(h=h, e=e) or plot(d, h, e)
+    )
     assert T.main(["--plot", str(out)]) == 0
     assert seen["h"] == train
     assert seen["e"] == [
@@ -386,7 +391,7 @@ def test_read_log_drops_what_a_resumed_run_redoes(tmp_path):
     ]
     text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo'  # killed mid-write
     (tmp_path / "log.jsonl").write_text(text)
-    history, evals = T.read_log(str(tmp_path))
+    history, evals = run_log.read_log(str(tmp_path))
     assert [(h["step"], h["reward"]) for h in history] == [(1, 0.1), (2, 0.2), (3, 0.33)]
     assert evals == [{"step": 0, "pass@1": 0.1}, {"step": 2, "pass@1": 0.2}]
 

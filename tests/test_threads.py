@@ -19,16 +19,19 @@ def no_omp(clean_env, monkeypatch):
 def test_threads_follow_the_usable_cores_not_the_machine(no_omp, monkeypatch):
     # A process pinned to 3 of the machine's cores (taskset, a cgroup cpuset) gets 3 threads.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
-    assert T.cpu_threads(T.resolve_config([])) == (3, "usable cores")
+    assert T.torch_threads(T.resolve_config([]).cpu_threads) == (3, "usable cores")
 
 
 def test_omp_num_threads_and_the_config_field_override(no_omp, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert T.cpu_threads(T.resolve_config([])) == (1, "OMP_NUM_THREADS")
-    assert T.cpu_threads(T.resolve_config(["--cpu-threads", "2"])) == (2, "cpu_threads")
+    assert T.torch_threads(T.resolve_config([]).cpu_threads) == (1, "OMP_NUM_THREADS")
+    assert T.torch_threads(T.resolve_config(["--cpu-threads", "2"]).cpu_threads) == (
+        2,
+        "cpu_threads",
+    )
     monkeypatch.setenv("GRPO_CPU_THREADS", "3")
-    assert T.cpu_threads(T.resolve_config([])) == (3, "cpu_threads")
+    assert T.torch_threads(T.resolve_config([]).cpu_threads) == (3, "cpu_threads")
 
 
 @pytest.mark.parametrize(

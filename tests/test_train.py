@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import eval_stats
 import train_trl_grpo as T
 from grpo_extensions import TIME_KEYS
 
@@ -44,7 +45,7 @@ def test_smoke_gsm8k_leaves_config_checkpoints_evals_and_summary(gsm8k_run):
         if step == 2:
             assert [r["row"] for r in ev["rows"]] == [e["row"] for e in T.eval_subset(cfg, ROWS8)]
         assert ev["summary"]["pass@4"] == pytest.approx(
-            sum(T.pass_at_k(4, sum(r["correct"]), 4) for r in ev["rows"]) / n
+            sum(eval_stats.pass_at_k(4, sum(r["correct"]), 4) for r in ev["rows"]) / n
         )
         for metric, (lo, hi) in ev["ci95"].items():  # intervals contain the point estimates
             assert lo <= ev["summary"][metric] <= hi, (step, metric)
