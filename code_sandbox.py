@@ -1420,9 +1420,10 @@ class _WorkerState:
         linux = sys.platform.startswith("linux")
         libc = _libc() if linux else None
         import shutil  # the worker's own needs, while the interpreter is surely readable
+        import socket
         import stat
 
-        self.shutil, self.stat = shutil, stat
+        self.shutil, self.stat, self.socket = shutil, stat, socket
         for name in _PREIMPORT:
             try:
                 __import__(name)
@@ -1652,41 +1653,126 @@ class _WorkerState:
             os.chown(scratch, *self.child_ids)
         return scratch
 
-    def run_job(self, job: dict) -> dict:
-        timeout = float(job.get("timeout", 5.0))
-        scratch = self.fresh_scratch()  # raises if it cannot: the worker dies, the job is retried
-        r, w = os.pipe()
-        start = time.monotonic()
+    def start_zygote(self) -> None:
+        """Fork the zygote that every child is forked from, before this worker sees any job.
+
+        A child forked from the worker itself would inherit the previous job's reply (still
+        referenced by the worker's locals), the values clean children computed and, in freed
+        but not overwritten heap memory, earlier programs' source text. The zygote never
+        handles job data: the worker hands it two pipe ends over a Unix socket, it forks, and
+        the child reads its job from the pipe, so job bytes reach the child only through the
+        kernel."""
+        socket = self.socket
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
+        if pid == 0:  # pragma: no cover - zygote
             try:
-                os.close(r)
-                self.child(job, w, scratch, timeout)
+                ours.close()
+                for fd in (0, 1):  # hold none of the parent's pipes
+                    os.dup2(self.null_fd, fd)
+                self.zygote(theirs)
             finally:
-                os._exit(70)
+                os._exit(0)
+        theirs.close()
+        self.zsock = ours
+        self.zygote_pid = pid
+
+    def zygote(self, sock) -> None:  # noqa: ANN001 - socket.socket
+        """Fork one child per request; report its pid, then its exit status. The exited child
+        stays a zombie until the next request, so its pid cannot be reused while the worker
+        may still signal it."""
+        _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the worker
+        zombie = 0
+        while True:
+            try:
+                _, fds, _, _ = self.socket.recv_fds(sock, 1, 2)
+            except OSError:
+                fds = []
+            if zombie:
+                os.waitpid(zombie, 0)
+                zombie = 0
+            if len(fds) != 2:
+                return  # the worker is gone (or confused): stop
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    sock.close()
+                    self.child_from_pipe(*fds)
+                finally:
+                    os._exit(70)
+            for fd in fds:
+                os.close(fd)
+            sock.send(b"P" + struct.pack("=i", pid))
+            pidfd = os.pidfd_open(pid)
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.register(sock.fileno(), select.POLLIN)
+            while True:
+                events = dict(poller.poll())
+                if pidfd in events:
+                    break
+                if events.get(sock.fileno(), 0) & (select.POLLHUP | select.POLLERR):
+                    os.kill(pid, signal.SIGKILL)  # the worker died: take its child along
+                    os.waitpid(pid, 0)
+                    return
+                if sock.fileno() in events:
+                    sock.recv(16)  # nothing is expected while a child runs: drop it
+            os.close(pidfd)
+            got = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            killed = got.si_code != os.CLD_EXITED
+            sock.send(b"S" + struct.pack("=ii", got.si_status if killed else 0, got.si_status))
+            zombie = pid
+
+    def child_from_pipe(self, job_fd: int, report: int) -> None:  # pragma: no cover - child
+        data = bytearray()
+        while chunk := os.read(job_fd, 1 << 16):
+            data += chunk
+        os.close(job_fd)
+        job = json.loads(data)
+        del data
+        self.child(job, report, job["scratch"], float(job["timeout"]))
+
+    def run_job(self, body: bytes) -> dict:
+        job = json.loads(body)
+        timeout = float(job.get("timeout", 5.0))
+        start = time.monotonic()
+        deadline = start + timeout
+        scratch = self.fresh_scratch()  # raises if it cannot: the worker dies, the job is retried
+        job["scratch"] = scratch
+        data = json.dumps(job, separators=(",", ":")).encode()
+        del job, body
+        jr, jw = os.pipe()
+        r, w = os.pipe()
+        self.socket.send_fds(self.zsock, [b"F"], [jr, w])
+        os.close(jr)
         os.close(w)
+        msg = self.zsock.recv(16)
+        if msg[:1] != b"P":
+            raise RuntimeError("zygote failed")
+        (pid,) = struct.unpack("=i", msg[1:5])
+        try:
+            # The child reads all of its job before it runs anything: this cannot stall.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(jw, view) :]
+        except OSError:
+            pass  # the child died early; its status says how
+        os.close(jw)
+        del data
         out = bytearray()
         timed_out = overflow = False
         status = None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            pidfd = -1
         poller = select.poll()
         poller.register(r, select.POLLIN)
-        if pidfd >= 0:
-            poller.register(pidfd, select.POLLIN)
-        deadline = start + timeout
+        zfd = self.zsock.fileno()
+        poller.register(zfd, select.POLLIN)
         pipe_open = True
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
-            # Without a pidfd, poll in short steps and check for exit by hand.
-            events = poller.poll(
-                max(1, int(left * 1000)) if pidfd >= 0 else min(left, 0.005) * 1000
-            )
+            events = poller.poll(max(1, int(left * 1000)))
             for fd, _ in events:
                 if fd == r:
                     chunk = os.read(r, 1 << 16)
@@ -1698,23 +1784,17 @@ class _WorkerState:
                         overflow = True
             if overflow:
                 break
-            if pidfd >= 0:
-                if any(fd == pidfd for fd, _ in events):
-                    got = os.waitpid(pid, 0)
-                    status = got[1]
-                    break
-            else:
-                got = os.waitpid(pid, os.WNOHANG)
-                if got[0] == pid:
-                    status = got[1]
-                    break
+            if any(fd == zfd for fd, _ in events):
+                status = self.zsock.recv(16)
+                break
         if status is None:
+            # The child is alive or a zombie the zygote has not reaped: its pid is still ours.
             for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, 9)):
                 try:
                     kill()
                 except OSError:
                     pass
-            status = os.waitpid(pid, 0)[1]
+            status = self.zsock.recv(16)
         elif pipe_open and not overflow:
             # Child is gone, so nobody can hold the write end any more: drain what is left.
             while len(out) <= _MAX_REPORT:
@@ -1724,8 +1804,9 @@ class _WorkerState:
                 out += chunk
             overflow = len(out) > _MAX_REPORT
         os.close(r)
-        if pidfd >= 0:
-            os.close(pidfd)
+        if status[:1] != b"S":
+            raise RuntimeError("zygote failed")
+        sig, code = struct.unpack("=ii", status[1:9])
         try:
             self.remove(scratch)
             for d in self.shared_tmp:
@@ -1735,7 +1816,6 @@ class _WorkerState:
             retire = bool(os.listdir(self.base))
         except Exception:  # e.g. a tree too deep to remove: a fresh worker gets a fresh base
             retire = True
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
         if sig == signal.SIGXCPU:
             timed_out = True
         return {
@@ -1743,7 +1823,7 @@ class _WorkerState:
             "timed_out": timed_out and not overflow,
             "overflow": overflow,
             "signal": sig,
-            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "exit": None if sig else code,
             "retire": retire,
         }
 
@@ -1839,6 +1919,7 @@ def _worker_main(config_json: str) -> None:
     os.dup2(state.null_fd, 2)
     gc.collect()
     gc.freeze()  # children then do not touch (copy) the pre-imported objects' pages
+    state.start_zygote()
     while True:
         header = _read_exact(0, 4)
         if header is None:
@@ -1847,7 +1928,8 @@ def _worker_main(config_json: str) -> None:
         body = _read_exact(0, n)
         if body is None:
             return
-        reply = state.run_job(json.loads(body))
+        reply = state.run_job(body)
+        del body
         _send(1, reply)
         if reply["retire"]:
             return

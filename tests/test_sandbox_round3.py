@@ -1,0 +1,150 @@
+"""The sandbox's third red-team round: each hole is written as the attack a policy would find.
+
+One worker per sandbox where the attack needs "the next program on the same worker".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from code_sandbox import Program, Sandbox
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the sandbox's isolation is Linux-only"
+)
+
+MBPP = Path(__file__).resolve().parent / "fixtures" / "mbpp" / "test.jsonl"
+PREFIX = "QzMark"  # what the scanner looks for; the secret part is only known by its hash
+SECRET = uuid.uuid4().hex[:16]
+MARK = PREFIX + SECRET
+DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def box():
+    with Sandbox(workers=1, timeout=5.0) as b:
+        yield b
+
+
+# ---- 1. Nothing of an earlier job in a child's memory ----------------------------------------
+
+# The previous program leaves its mark in its source, its reply and a clean child's value.
+PLANTER = f"def f():\n    return {MARK!r}\n"
+PLANTER_TESTS = [f"assert f() == ''.join([{PREFIX!r}, {SECRET!r}])"]
+
+# Finds a mark by its hash: the scanner's own memory holds the prefix, never the secret.
+SCANNER = """
+import ctypes, gc, hashlib, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+libc.write.restype = ctypes.c_ssize_t
+PAGE = 4096
+
+def hits(data, prefix, digest, n):
+    found, at = 0, data.find(prefix)
+    while at >= 0:
+        tail = data[at + len(prefix): at + len(prefix) + n]
+        if hashlib.sha256(tail).hexdigest() == digest:
+            found += 1
+        at = data.find(prefix, at + 1)
+    return found
+
+def page(r, w, addr):
+    # write() from an unmapped address fails with EFAULT instead of crashing us
+    if libc.write(w, addr, PAGE) != PAGE:
+        return None
+    return os.read(r, PAGE)
+
+def memory(prefix, digest, n):
+    r, w = os.pipe()
+    prefix = prefix.encode()
+    seeds = {id(o) & ~(PAGE - 1) for o in gc.get_objects()[::50]}
+    seeds.add(id(sys) & ~(PAGE - 1))
+    done, found = set(), 0
+    for seed in sorted(seeds):
+        if seed in done:
+            continue
+        for step in (PAGE, -PAGE):
+            addr, gap, carry = seed if step > 0 else seed - PAGE, 0, b''
+            while gap < 64 and len(done) < 60000:
+                if addr in done:
+                    break
+                done.add(addr)
+                data = page(r, w, addr)
+                if data is None:
+                    gap += 1
+                    carry = b''
+                else:
+                    gap = 0
+                    chunk = carry + data if step > 0 else data + carry
+                    found += hits(chunk, prefix, digest, n)
+                    carry = data[:64] if step < 0 else data[-64:]
+                addr += step
+    return found
+
+def frames(prefix, digest, n):
+    found, f = 0, sys._getframe()
+    while f is not None:
+        text = repr(f.f_locals).encode(errors='replace')
+        found += hits(text, prefix.encode(), digest, n)
+        f = f.f_back
+    for o in gc.get_objects():
+        if isinstance(o, dict):
+            text = repr(o).encode(errors='replace')
+            found += hits(text, prefix.encode(), digest, n)
+    return found
+
+def scan(prefix, digest, n):
+    return memory(prefix, digest, n) + frames(prefix, digest, n)
+
+def own(prefix):
+    # a mark of our own, made at run time, must be found: the scanner works
+    secret = ''.join(reversed('{own}'))
+    keep = (prefix + secret) * 1
+    found = scan(prefix, hashlib.sha256(secret.encode()).hexdigest(), len(secret))
+    return found >= 1 and keep is not None
+"""
+
+
+def scanner() -> Program:
+    own = uuid.uuid4().hex[:16]
+    code = SCANNER.replace("{own}", own[::-1])
+    tests = [f"assert own({PREFIX!r}) is True", f"assert scan({PREFIX!r}, {DIGEST!r}, 16) == 0"]
+    return Program(code, tests)
+
+
+def test_a_child_finds_nothing_of_the_previous_program_in_its_memory(box):
+    got = box.run([Program(PLANTER, PLANTER_TESTS)])
+    assert got[0].status == "passed", got
+    got = box.run([scanner()])
+    assert got[0].passed == 2, got  # the scanner finds its own mark and nothing of the planter
+
+
+REPLAY = """
+import os, sys
+# Task-agnostic: walk up to the worker's frames and hand in the last reply's report as our own.
+fr = sys._getframe()
+while fr is not None:
+    for v in list(fr.f_locals.values()):
+        if isinstance(v, dict) and isinstance(v.get('out'), str) and v['out']:
+            os.write(3, v['out'].encode())
+            os._exit(0)
+    fr = fr.f_back
+"""
+
+
+def test_replaying_the_previous_report_scores_nothing(box):
+    rows = [json.loads(line) for line in MBPP.read_text().splitlines() if line.strip()]
+    for row in rows[:3]:
+        gold = Program(row["code"], row["test_list"], row["test_setup_code"])
+        replay = Program(REPLAY, row["test_list"], row["test_setup_code"])
+        got = box.run([gold])
+        assert got[0].status == "passed", got
+        got = box.run([replay])
+        assert got[0].passed == 0, got
