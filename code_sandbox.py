@@ -267,18 +267,6 @@ _BINOPS = {
 }
 _BUILTIN_NAMES = frozenset(vars(builtins))
 _STDLIB = frozenset(sys.stdlib_module_names)
-# Statements a multi-statement test may consist of and still be split; anything else (loops,
-# ifs, defs, try) is run in the child as a whole, which then only reports "completed".
-_SPLIT_STMTS = (
-    ast.Assert,
-    ast.Assign,
-    ast.AnnAssign,
-    ast.AugAssign,
-    ast.Expr,
-    ast.Import,
-    ast.ImportFrom,
-    ast.Pass,
-)
 
 
 def _const(node: ast.AST) -> object:
@@ -391,204 +379,294 @@ def _setup_names(setup: str) -> frozenset[str]:
     return hit
 
 
-_Step = tuple[str, object]  # ("k", known value) | ("v", expression) | ("x", statement)
 _Check = Callable[[list[object]], "bool | None"]
 _Clean = Callable[[str, tuple[str, ...]], object]
+_PROBE = "__probe__"  # the name under which child and judge see the solution's values
+# Shapes a test may not have; each is failed (never trusted to the child) and counted here.
+UNSPLITTABLE: Counter[str] = Counter()
+
+
+class _Unsplittable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _TestPlan:
+    """One test, split. The child runs `steps`: ("n", "") starts the test, ("v", CALL) is a
+    solution call whose value it reports (and keeps as __probe__[k] for later steps), ("x",
+    STMT) a statement of the test with the solution's calls replaced by __probe__[k] (so that
+    later calls see the names it binds). The verdict comes from `fast` (the parent, on the
+    decoded values) or else from a judge: a clean child that runs the setup, then `judge`
+    (("x", STMT) statements and ("a", EXPR) asserts, solution calls replaced) with __probe__
+    bound to the decoded plain values. `why` names a shape that cannot be split: failed."""
+
+    steps: tuple[tuple[str, str], ...] = ()
+    fast: _Check | None = None
+    judge: tuple[tuple[str, str], ...] = ()
+    mods: tuple[str, ...] = ()
+    why: str = ""
+
+    @property
+    def calls(self) -> int:
+        return sum(k == "v" for k, _ in self.steps)
 
 
 class _Planner:
-    """Plans one test. An operand that references none of the solution's names (literals,
-    builtins, comprehensions over them, stdlib modules, names the setup code binds) gets its
-    value from `clean(source, modules)`, which the parent computed in a child that never ran
-    model code; only operands that reference the solution's names become child probes."""
+    """Splits one test: every call of a solution name (a name the setup, the builtins and the
+    stdlib do not provide, or a name a test statement bound to a solution value) is evaluated
+    in the child, after the solution ran; the rest of the expression, wrappers included
+    (abs, subtraction, math.isclose, all(...), nested comparisons), never runs there."""
 
-    def __init__(self, setup_names: frozenset[str], clean: _Clean, literal_only: bool) -> None:
-        self.steps: list[_Step] = []
-        self.setup_names = setup_names
+    def __init__(
+        self, setup_names: frozenset[str], clean: _Clean, shadow: frozenset[str] = frozenset()
+    ) -> None:
+        self.setup_names = setup_names - shadow
         self.clean = clean
-        self.literal_only = literal_only
-        self.bound: set[str] = set()  # names the test's own statements bind: child values
+        self.shadow = shadow  # builtin/stdlib names the solution itself defines ("write max()")
+        self.steps: list[tuple[str, str]] = [("n", "")]
+        self.judge: list[tuple[str, str]] = []
+        self.ncalls = 0
+        self.tainted: set[str] = set()  # names a test statement bound to a solution value
+        self.plain: set[str] = set()  # names a test statement bound to anything else
+        self.checks: list[_Check | None] = []
+
+    def is_solution(self, name: str) -> bool:
+        if name in self.tainted:
+            return True
+        if name in self.plain or name == _PROBE:
+            return False
+        if name in self.shadow:
+            return True
+        return name not in _BUILTIN_NAMES and name not in self.setup_names | _STDLIB
+
+    def refs_solution(self, node: ast.AST, local: frozenset[str]) -> bool:
+        free = _free_names(node)
+        if free is None:
+            raise _Unsplittable("assignment expression")
+        return any(self.is_solution(n) for n in free - local)
+
+    def call(self, node: ast.expr, local: frozenset[str]) -> ast.expr:
+        free = _free_names(node)
+        if free is None:
+            raise _Unsplittable("assignment expression")
+        if free & local:
+            raise _Unsplittable("solution call on a comprehension or lambda variable")
+        self.steps.append(("v", ast.unparse(node)))
+        self.ncalls += 1
+        ref = ast.Subscript(ast.Name(_PROBE, ast.Load()), ast.Constant(self.ncalls - 1), ast.Load())
+        return ast.copy_location(ref, node)
+
+    def rewrite(self, node: ast.AST, local: frozenset[str] = frozenset()) -> ast.AST:
+        """`node` with each solution call (or solution name) replaced by its __probe__ slot."""
+        if isinstance(node, ast.expr) and not self.refs_solution(node, local):
+            return node
+        if isinstance(node, ast.Name):
+            return self.call(node, local)
+        if isinstance(node, ast.Call) and self.refs_solution(node.func, local):
+            return self.call(node, local)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            return self.call(node, local)  # obj.attr of a solution object
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            local = local | {
+                n.id for g in node.generators for n in ast.walk(g.target) if isinstance(n, ast.Name)
+            }
+        elif isinstance(node, ast.Lambda):
+            local = local | {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+        for field, value in ast.iter_fields(node):
+            if isinstance(value, ast.AST):
+                setattr(node, field, self.rewrite(value, local))
+            elif isinstance(value, list):
+                value[:] = [self.rewrite(v, local) if isinstance(v, ast.AST) else v for v in value]
+        return node
 
     def known(self, node: ast.expr) -> object:
-        """The value of an operand that does not depend on the solution, else _FAIL."""
-        if self.literal_only and any(isinstance(n, ast.Name) for n in ast.walk(node)):
-            return _FAIL
+        """The value of a test operand that involves no solution value, else _FAIL."""
         try:
             return _const(node)
         except (_NotConst, ArithmeticError, RecursionError, ValueError, TypeError, MemoryError):
             pass
         free = _free_names(node)
-        if free is None or free & self.bound:
+        if free is None or free & (self.plain | self.tainted | {_PROBE}):
             return _FAIL
         if not free <= _BUILTIN_NAMES | self.setup_names | _STDLIB:
             return _FAIL
         mods = tuple(sorted(free & _STDLIB - self.setup_names - _BUILTIN_NAMES))
         return self.clean(ast.unparse(node), mods)
 
-    def step(self, node: ast.expr, value: object) -> int:
-        if value is _FAIL or value is _PENDING:
-            self.steps.append(("v", ast.unparse(node)))
-        else:
-            self.steps.append(("k", value))
-        return len(self.steps) - 1
+    def fast(self, node: ast.expr) -> _Check | None:
+        """A parent-side verdict for `CALL op KNOWN ...` and `assert CALL`, else None."""
 
-    def operand(self, node: ast.expr) -> int:
-        return self.step(node, self.known(node))
-
-    def run(self, stmt: ast.stmt) -> _Check:
-        """A statement of a multi-statement test: run in the child; what it binds is then a
-        value the child reports, like the solution's."""
-        self.steps.append(("x", ast.unparse(stmt)))
-        i = len(self.steps) - 1
-        self.bound |= _bound_names(stmt, keep_stdlib_imports=True)
-        return lambda vals: vals[i] is _OK
-
-    def whole(self, node: ast.expr) -> _Check:
-        """The child's own verdict on an expression (weakest; see the module docstring)."""
-        i = self.operand_in_child(node)
-        return lambda vals: None if vals[i] is _FAIL else vals[i] is True
-
-    def operand_in_child(self, node: ast.expr) -> int:
-        self.steps.append(("v", ast.unparse(node)))
-        return len(self.steps) - 1
-
-    def expr(self, node: ast.expr) -> _Check:
-        if isinstance(node, ast.Compare):
-            return self.compare(node)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            inner = self.expr(node.operand)
-            return lambda vals: None if (r := inner(vals)) is None else not r
-        if isinstance(node, ast.BoolOp):
-            parts = [self.expr(v) for v in node.values]
-            want_all = isinstance(node.op, ast.And)
-
-            def boolop(vals: list[object]) -> bool | None:
-                rs = [p(vals) for p in parts]
-                if any(r is None for r in rs):
-                    return None
-                return all(rs) if want_all else any(rs)
-
-            return boolop
-        if (
-            isinstance(node, ast.Call)
-            and ast.unparse(node.func) in ("math.isclose", "isclose", "cmath.isclose")
-            and len(node.args) == 2
-            and not any(isinstance(a, ast.Starred) for a in node.args)
-            and all(k.arg in ("rel_tol", "abs_tol") for k in node.keywords)
-        ):
-            try:
-                kw = {k.arg: _const(k.value) for k in node.keywords}
-            except _NotConst:
-                kw = None
-            if kw is not None:
-                a, b = self.operand(node.args[0]), self.operand(node.args[1])
-                use_cmath = ast.unparse(node.func) == "cmath.isclose"
-
-                def isclose(vals: list[object]) -> bool | None:
-                    x, y = vals[a], vals[b]
-                    if x is _FAIL or y is _FAIL:
-                        return None
-                    ok = (int, float, complex) if use_cmath else (int, float)
-                    if type(x) not in ok or type(y) not in ok:
-                        return None
-                    try:
-                        f = __import__("cmath").isclose if use_cmath else math.isclose
-                        return bool(f(x, y, **kw))
-                    except (TypeError, ValueError):
-                        return None
-
-                return isclose
-        # Anything else: the truthiness of a plain decoded value cannot be faked.
-        i = self.operand(node)
-        return lambda vals: None if vals[i] is _FAIL else bool(vals[i])
-
-    def compare(self, node: ast.Compare) -> _Check:
-        nodes = [node.left, *node.comparators]
-        known = [self.known(n) for n in nodes]
-        for op, value in zip(node.ops, known[1:], strict=True):
-            if isinstance(op, (ast.Is, ast.IsNot)) and not any(
-                value is s for s in (None, True, False)
+        def slot(n: ast.expr) -> int | None:
+            if (
+                isinstance(n, ast.Subscript)
+                and isinstance(n.value, ast.Name)
+                and n.value.id == _PROBE
+                and isinstance(n.slice, ast.Constant)
             ):
-                # Identity survives the trip out of the child only for these singletons.
-                return self.whole(node)
-        idx = [self.step(n, v) for n, v in zip(nodes, known, strict=True)]
-        ops = list(node.ops)
+                return n.slice.value
+            return None
 
-        def check(vals: list[object]) -> bool | None:
-            xs = [vals[i] for i in idx]
-            if any(x is _FAIL for x in xs):
+        if slot(node) is not None:
+            k = slot(node)
+            return lambda vals: None if vals[k] is _FAIL else bool(vals[k])
+        if not isinstance(node, ast.Compare):
+            return None
+        operands: list[tuple[bool, object]] = []
+        for n in [node.left, *node.comparators]:
+            k = slot(n)
+            if k is not None:
+                operands.append((True, k))
+                continue
+            if any(slot(m) is not None for m in ast.walk(n)):
                 return None
-            for op, a, b in zip(ops, xs, xs[1:], strict=False):
-                try:
-                    if isinstance(op, ast.Eq):
-                        ok = _eq(a, b)
-                    elif isinstance(op, ast.NotEq):
-                        ok = not _eq(a, b)
-                    elif isinstance(op, ast.Is):
-                        ok = a is b
-                    elif isinstance(op, ast.IsNot):
-                        ok = a is not b
-                    elif isinstance(op, ast.In):
-                        ok = a in b  # type: ignore[operator]
-                    elif isinstance(op, ast.NotIn):
-                        ok = a not in b  # type: ignore[operator]
-                    elif isinstance(op, ast.Lt):
-                        ok = a < b  # type: ignore[operator]
-                    elif isinstance(op, ast.LtE):
-                        ok = a <= b  # type: ignore[operator]
-                    elif isinstance(op, ast.Gt):
-                        ok = a > b  # type: ignore[operator]
-                    else:
-                        ok = a >= b  # type: ignore[operator]
-                except Exception:
-                    return None
-                if not ok:
-                    return False
-            return True
+            value = self.known(n)
+            if value is _FAIL or value is _PENDING:
+                return None
+            operands.append((False, value))
+        return _compare_check(list(node.ops), operands)
 
-        return check
+    def statement(self, stmt: ast.stmt) -> None:
+        if isinstance(stmt, ast.Pass):
+            return
+        if isinstance(stmt, ast.Assert):
+            test = self.rewrite(stmt.test)
+            self.checks.append(self.fast(test))
+            self.judge.append(("a", ast.unparse(test)))
+            return
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            self.steps.append(("x", ast.unparse(stmt)))
+            self.judge.append(("x", ast.unparse(stmt)))
+            self.plain |= _bound_names(stmt)
+            return
+        if not isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)):
+            raise _Unsplittable("compound statement")
+        before = self.ncalls
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+        if any(t is not None and self.refs_solution(t, frozenset()) for t in targets):
+            if isinstance(stmt, ast.Assign) or not all(isinstance(t, ast.Name) for t in targets):
+                raise _Unsplittable("assignment into a solution object")
+        if stmt.value is not None:
+            stmt.value = self.rewrite(stmt.value)
+        src = ast.unparse(stmt)
+        self.steps.append(("x", src))
+        self.judge.append(("x", src))
+        bound = _bound_names(stmt)
+        if self.ncalls > before or bound & self.tainted:
+            self.tainted |= bound  # a solution value: later calls on it run in the child
+            self.plain -= bound
+        else:
+            self.plain |= bound
+            self.tainted -= bound
 
-
-def _plan_test(
-    test: str, setup: str, clean: _Clean, literal_only: bool = False
-) -> tuple[tuple[_Step, ...], _Check]:
-    planner = _Planner(_setup_names(setup), clean, literal_only)
-    try:
+    def plan(self, test: str) -> _TestPlan:
         body = ast.parse(test).body
-        if body and all(isinstance(s, _SPLIT_STMTS) for s in body):
-            checks = [
-                planner.expr(s.test) if isinstance(s, ast.Assert) else planner.run(s) for s in body
-            ]
+        for stmt in body:
+            self.statement(stmt)
+        if not self.checks:
+            raise _Unsplittable("no assert")
+        mods: set[str] = set()
+        for _, src in self.judge:
+            free = _free_names(ast.parse(src)) or set()
+            mods |= free & _STDLIB - _BUILTIN_NAMES - self.setup_names - self.plain
+        fast = None
+        if all(c is not None for c in self.checks):
+            checks = list(self.checks)
 
-            def check(vals: list[object]) -> bool | None:
-                rs = [c(vals) for c in checks]
+            def fast(vals: list[object]) -> bool | None:
+                rs = [c(vals) for c in checks]  # type: ignore[misc]
                 return None if any(r is None for r in rs) else all(rs)
 
-        else:
-            # Loops, ifs, defs...: the child's own verdict is all we can get (weakest path).
-            planner.steps = [("x", test)]
-            check = lambda vals: vals[0] is _OK  # noqa: E731
+        return _TestPlan(tuple(self.steps), fast, tuple(self.judge), tuple(sorted(mods)))
+
+
+def _compare_check(ops: list[ast.cmpop], operands: list[tuple[bool, object]]) -> _Check:
+    def check(vals: list[object]) -> bool | None:
+        xs = [vals[x] if child else x for child, x in operands]  # type: ignore[index]
+        if any(x is _FAIL for x in xs):
+            return None
+        for op, a, b in zip(ops, xs, xs[1:], strict=False):
+            try:
+                if isinstance(op, ast.Eq):
+                    ok = _eq(a, b)
+                elif isinstance(op, ast.NotEq):
+                    ok = not _eq(a, b)
+                elif isinstance(op, ast.Is):
+                    ok = a is b
+                elif isinstance(op, ast.IsNot):
+                    ok = a is not b
+                elif isinstance(op, ast.In):
+                    ok = a in b  # type: ignore[operator]
+                elif isinstance(op, ast.NotIn):
+                    ok = a not in b  # type: ignore[operator]
+                elif isinstance(op, ast.Lt):
+                    ok = a < b  # type: ignore[operator]
+                elif isinstance(op, ast.LtE):
+                    ok = a <= b  # type: ignore[operator]
+                elif isinstance(op, ast.Gt):
+                    ok = a > b  # type: ignore[operator]
+                else:
+                    ok = a >= b  # type: ignore[operator]
+            except Exception:
+                return None
+            if not ok:
+                return False
+        return True
+
+    return check
+
+
+def _plan_test(test: str, setup: str, clean: _Clean, shadow: frozenset[str]) -> _TestPlan:
+    try:
+        plan = _Planner(_setup_names(setup), clean, shadow).plan(test)
+    except _Unsplittable as e:
+        return _TestPlan(why=str(e))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        planner.steps = []
-        check = lambda vals: False  # noqa: E731
-    if planner.steps and not literal_only and all(k == "k" for k, _ in planner.steps):
-        # Nothing in the test names the solution, unless the solution is meant to shadow a
-        # builtin or stdlib name (a task "write max()"): then Python's own reading, with the
-        # solution's names, is the only one that tests anything. Only literals stay outside.
-        return _plan_test(test, setup, clean, literal_only=True)
-    return tuple(planner.steps), check
+        return _TestPlan(why="unparsable test")
+    return plan
 
 
-_PLAN_CACHE: dict[tuple[str, str], tuple[tuple[_Step, ...], _Check]] = {}
+_PLAN_CACHE: dict[tuple[str, str, frozenset[str]], _TestPlan] = {}
 _CLEAN_CACHE: dict[tuple[str, str], object] = {}  # (setup, expression) -> value or _FAIL
+_SHADOW_CACHE: dict[str, frozenset[str]] = {}
 _PLAN_LOCK = _thread.allocate_lock()  # not threading: keeps at-fork hooks out of workers
 
 
-def _clean_requests(test: str, setup: str) -> list[tuple[str, tuple[str, ...]]]:
-    """Non-solution operands of a test whose value is not known yet."""
+def _shadow(test: str, setup: str, code: str) -> frozenset[str]:
+    """Builtin or stdlib names the test calls and the solution defines. They count as the
+    solution's only when the test calls nothing else of the solution (a task "write max()");
+    otherwise `len(f(x))` is judged with the real len whatever the solution bound to it."""
+    try:
+        names = {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name)}
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return frozenset()
+    candidates = names & (_BUILTIN_NAMES | _STDLIB) - _setup_names(setup)
+    if not candidates:
+        return frozenset()
     with _PLAN_LOCK:
-        if (test, setup) in _PLAN_CACHE:
-            return []
+        bound = _SHADOW_CACHE.get(code)
+    if bound is None:
+        try:
+            bound = frozenset(_bound_names(ast.parse(code), keep_stdlib_imports=True))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            bound = frozenset()
+        with _PLAN_LOCK:
+            if len(_SHADOW_CACHE) > 4096:
+                _SHADOW_CACHE.clear()
+            _SHADOW_CACHE[code] = bound
+    return frozenset(candidates & bound)
+
+
+def _planned(test: str, setup: str, code: str, clean: _Clean) -> tuple[_TestPlan, bool]:
+    plan = _plan_test(test, setup, clean, frozenset())
+    if not plan.why and plan.calls == 0:
+        shadow = _shadow(test, setup, code)
+        if shadow:
+            return _plan_test(test, setup, clean, shadow), True
+    return plan, False
+
+
+def _clean_requests(test: str, setup: str, code: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Non-solution operands of a test whose value is not known yet."""
     out: list[tuple[str, tuple[str, ...]]] = []
 
     def clean(src: str, mods: tuple[str, ...]) -> object:
@@ -597,16 +675,19 @@ def _clean_requests(test: str, setup: str) -> list[tuple[str, tuple[str, ...]]]:
             out.append((src, mods))
         return v
 
-    _plan_test(test, setup, clean)
+    with _PLAN_LOCK:
+        if (test, setup, frozenset()) in _PLAN_CACHE:
+            return []
+    _planned(test, setup, code, clean)
     return out
 
 
-def _plan(test: str, setup: str) -> tuple[tuple[_Step, ...], _Check]:
-    """Steps for one test and the parent-side verdict on their values. Clean values missing
-    from the cache (their clean run failed to report) fall back to child probes, uncached."""
+def _plan(test: str, setup: str, code: str) -> _TestPlan:
+    """The plan for one test. Clean values missing from the cache (their clean run failed to
+    report) leave the verdict to the judge, uncached."""
     with _PLAN_LOCK:
-        hit = _PLAN_CACHE.get((test, setup))
-    if hit is not None:
+        hit = _PLAN_CACHE.get((test, setup, frozenset()))
+    if hit is not None and (hit.why or hit.calls):
         return hit
     missing = False
 
@@ -618,12 +699,12 @@ def _plan(test: str, setup: str) -> tuple[tuple[_Step, ...], _Check]:
             return _FAIL
         return v
 
-    plan = _plan_test(test, setup, clean)
-    if not missing:
+    plan, shadowed = _planned(test, setup, code, clean)
+    if not missing and not shadowed:
         with _PLAN_LOCK:
             if len(_PLAN_CACHE) > 65536:
                 _PLAN_CACHE.clear()
-            _PLAN_CACHE[(test, setup)] = plan
+            _PLAN_CACHE[(test, setup, frozenset())] = plan
     return plan
 
 
@@ -632,12 +713,14 @@ def _clean_job(setup: str, wanted: dict[str, tuple[str, ...]], timeout: float) -
     setup code, then the expressions."""
     mods = sorted({m for ms in wanted.values() for m in ms})
     code = "".join(f"import {m}\n" for m in mods)
-    return {"code": code, "setup": setup, "probes": [["v", s] for s in wanted], "timeout": timeout}
+    probes = [["n", ""]] + [["v", s] for s in wanted]
+    return {"code": code, "setup": setup, "probes": probes, "timeout": timeout}
 
 
 def _store_clean(setup: str, srcs: list[str], reply: dict) -> None:
     try:
-        vals, seen, phase_err, _ = _parse_report(reply.get("out", ""), len(srcs))
+        vals, seen, phase_err, _ = _parse_report(reply.get("out", ""), len(srcs) + 1)
+        vals = vals[1:]
     except (ValueError, TypeError, RecursionError):
         vals, phase_err = [_FAIL] * len(srcs), ("code", "")
     if phase_err is not None or "setup" not in seen:
@@ -647,6 +730,18 @@ def _store_clean(setup: str, srcs: list[str], reply: dict) -> None:
             _CLEAN_CACHE.clear()
         for src, v in zip(srcs, vals, strict=True):
             _CLEAN_CACHE[(setup, src)] = v
+
+
+def _judge_job(setup: str, plans: list[_TestPlan], values: list[list], timeout: float) -> dict:
+    """A clean child that never ran model code judges the tests whose verdict the parent cannot
+    read off the values: `values[t]` holds test t's decoded solution values ([1, v] or [0])."""
+    mods = sorted({m for p in plans for m in p.mods})
+    probes: list[list[str]] = []
+    for t, p in enumerate(plans):
+        probes.append(["n", str(t)])
+        probes += [list(s) for s in p.judge]
+    code = "".join(f"import {m}\n" for m in mods)
+    return {"code": code, "setup": setup, "probes": probes, "values": values, "timeout": timeout}
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,25 +794,66 @@ def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, 
     return vals, seen, phase_err, ended
 
 
-def _score(plans: list, views: list, nprobes: int, reply: dict, timeout: float) -> Result:
-    total = len(plans)
+def _verdicts(plans: list[_TestPlan], spans: list[list[int]], vals: list, ran: bool) -> list:
+    """True/False per test where the parent can tell, None where a judge must."""
+    out: list[bool | None] = []
+    for plan, span in zip(plans, spans, strict=True):
+        if plan.why:
+            _unsplittable(plan.why)
+            out.append(False)
+        elif not ran:
+            out.append(False)
+        elif plan.fast is None:
+            out.append(None)
+        else:
+            try:
+                out.append(plan.fast([vals[x] for x in span]) is True)
+            except Exception:
+                out.append(False)
+    return out
+
+
+_LOGGED: set[str] = set()
+
+
+def _unsplittable(why: str) -> None:
+    UNSPLITTABLE[why] += 1
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "sandbox: a test shape cannot be judged outside the sandboxed program (%s); "
+            "such tests are failed (counts in code_sandbox.UNSPLITTABLE)",
+            why,
+        )
+
+
+def _judged(job: dict, reply: tuple) -> list[bool]:
+    """Per judged test: did every assert hold in the judge? Anything else fails."""
+    probes = job["probes"]
+    if reply[0] != "reply":
+        return [False] * sum(k == "n" for k, _ in probes)
     try:
-        vals, seen, phase_err, ended = _parse_report(reply.get("out", ""), nprobes)
+        vals, seen, phase_err, ended = _parse_report(reply[1].get("out", ""), len(probes))
     except (ValueError, TypeError, RecursionError):
-        return Result(0, total, "error", "malformed report from the sandboxed program")
-    # Tests count only once the solution and the setup ran (this also keeps constant tests
-    # such as `assert True` from passing on their own).
-    ran = "setup" in seen and phase_err is None
-    passed = 0
-    first_fail = None
-    for i, ((_, check), view) in enumerate(zip(plans, views, strict=True)):
-        try:
-            ok = ran and check([vals[x] if child else x for child, x in view]) is True
-        except Exception:
-            ok = False
-        passed += ok
-        if not ok and first_fail is None:
-            first_fail = i
+        vals, phase_err = [_FAIL] * len(probes), ("code", "")
+    ok = phase_err is None and "setup" in seen
+    out: list[bool] = []
+    for (kind, _), v in zip(probes, vals, strict=True):
+        if kind == "n":
+            out.append(ok)
+        elif kind == "a" and v is not True:
+            out[-1] = False
+    return out
+
+
+def _score(
+    verdicts: list, reply: dict, timeout: float, phase_err: tuple | None, ended: bool
+) -> Result:
+    total = len(verdicts)
+    passed = sum(v is True for v in verdicts)
+    first_fail = next((i for i, v in enumerate(verdicts) if v is not True), None)
     if reply.get("timed_out"):
         return Result(passed, total, "timeout", f"timed out after {timeout:g}s")
     if phase_err is not None:
@@ -972,7 +1108,7 @@ class Sandbox:
         wanted: dict[str, dict[str, tuple[str, ...]]] = {}
         for _, prog, tests in todo:
             for t in tests:
-                for src, mods in _clean_requests(t, prog.setup):
+                for src, mods in _clean_requests(t, prog.setup, prog.code):
                     wanted.setdefault(prog.setup, {})[src] = mods
         if wanted:
             setups = list(wanted)
@@ -983,29 +1119,59 @@ class Sandbox:
         # Then the programs; the parent scores them only after every deadline was handled.
         jobs, specs = [], []
         for i, prog, tests in todo:
-            plans = [_plan(t, prog.setup) for t in tests]
-            probes: list[list] = []
-            views = []
-            for steps, _ in plans:
-                view = []
-                for kind, x in steps:
-                    if kind == "k":
-                        view.append((False, x))
-                    else:
-                        probes.append([kind, x])
-                        view.append((True, len(probes) - 1))
-                views.append(view)
+            plans = [_plan(t, prog.setup, prog.code) for t in tests]
+            probes: list[list[str]] = []
+            spans: list[list[int]] = []
+            for plan in plans:
+                start = len(probes)
+                probes += [list(step) for step in plan.steps]
+                spans.append([start + j for j, (k, _) in enumerate(plan.steps) if k == "v"])
             job = {"code": prog.code, "setup": prog.setup, "probes": probes}
             job["timeout"] = self.timeout
             jobs.append(job)
-            specs.append((i, plans, views, len(probes)))
-        for (i, plans, views, nprobes), got in zip(specs, self._dispatch(jobs), strict=True):
-            if got[0] == "reply":
-                results[i] = _score(plans, views, nprobes, got[1], self.timeout)
-            elif got[0] == "timeout":
+            specs.append((i, prog, plans, spans, len(probes)))
+        scored = []
+        judge_jobs, judge_for = [], []
+        for (i, prog, plans, spans, nprobes), got in zip(specs, self._dispatch(jobs), strict=True):
+            if got[0] == "timeout":
                 results[i] = Result(0, len(plans), "timeout", f"timed out after {self.timeout:g}s")
-            else:
+                continue
+            if got[0] != "reply":
                 results[i] = Result(0, len(plans), "error", "sandbox worker died")
+                continue
+            reply = got[1]
+            try:
+                vals, seen, phase_err, ended = _parse_report(reply.get("out", ""), nprobes)
+            except (ValueError, TypeError, RecursionError):
+                why = "malformed report from the sandboxed program"
+                results[i] = Result(0, len(plans), "error", why)
+                continue
+            # Tests count only once the solution and the setup ran (this also keeps constant
+            # tests such as `assert True` from passing on their own).
+            ran = "setup" in seen and phase_err is None
+            verdicts = _verdicts(plans, spans, vals, ran)
+            need = [t for t, v in enumerate(verdicts) if v is None]
+            if need:
+                values = []
+                for t in need:
+                    row = []
+                    for x in spans[t]:
+                        try:
+                            row.append([0] if vals[x] is _FAIL else [1, _encode(vals[x])])
+                        except (_Unencodable, RecursionError):
+                            row.append([0])
+                    values.append(row)
+                judge = _judge_job(prog.setup, [plans[t] for t in need], values, self.timeout)
+                judge_jobs.append(judge)
+                judge_for.append((verdicts, need))
+            scored.append((i, verdicts, reply, phase_err, ended))
+        for job, (verdicts, need), got in zip(
+            judge_jobs, judge_for, self._dispatch(judge_jobs) if judge_jobs else [], strict=True
+        ):
+            for t, ok in zip(need, _judged(job, got), strict=True):
+                verdicts[t] = ok
+        for i, verdicts, reply, phase_err, ended in scored:
+            results[i] = _score(verdicts, reply, self.timeout, phase_err, ended)
         return [r if r is not None else Result(0, 0, "error", "not run") for r in results]
 
     def _dispatch(self, jobs: list[dict]) -> list[tuple]:
@@ -1886,10 +2052,23 @@ def _child_run(job: dict) -> None:
             _child_emit([phase, "e", type(e).__name__])
             return
         _child_emit([phase, "ok"])
+    values = job.get("values")  # a judge's job: the solution's values, decoded plain data
+    slots: dict = {}
+    n = 0
     for i, (kind, src) in enumerate(job["probes"]):
         try:
-            if kind == "v":
+            if kind == "n":  # a new test: its own slots
+                slots, n = {}, 0
+                if values is not None:
+                    for k, v in enumerate(values[int(src)]):
+                        if v[0]:
+                            slots[k] = _decode(v[1])
+                g[_PROBE] = slots
+                rec = [i, "ok"]
+            elif kind == "v":
+                k, n = n, n + 1
                 value = eval(compile(src, "<test>", "eval"), g)
+                slots[k] = value
                 try:
                     rec = [i, "v", _encode(value)]
                     line = json.dumps(rec, separators=(",", ":"))
@@ -1897,6 +2076,8 @@ def _child_run(job: dict) -> None:
                     rec, line = [i, "e", "TypeError"], None
                 if line is not None and len(line) > _MAX_REPORT // 4:
                     rec = [i, "e", "MemoryError"]
+            elif kind == "a":
+                rec = [i, "v", bool(eval(compile(src, "<test>", "eval"), g))]
             else:
                 exec(compile(src, "<test>", "exec"), g)
                 rec = [i, "ok"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import code_sandbox
 from code_sandbox import Program, Sandbox
 
 pytestmark = pytest.mark.skipif(
@@ -148,3 +149,96 @@ def test_replaying_the_previous_report_scores_nothing(box):
         assert got[0].status == "passed", got
         got = box.run([replay])
         assert got[0].passed == 0, got
+
+
+# ---- 2. Only the solution's own calls run in the child -----------------------------------------
+
+ANY_SUB = "class Z:\n    def __sub__(self, o):\n        return 0\n    __rsub__ = __sub__\n"
+ALWAYS_EQ = "class E:\n    def __eq__(self, o):\n        return True\n    __hash__ = None\n"
+PATCH_ISCLOSE = "import math\nmath.isclose = lambda *a, **k: True\n"
+WRAPPED = {
+    # name: (attack code, test, setup, honest code)
+    "abs-difference": (
+        ANY_SUB + "def f(x):\n    return Z()",
+        "assert abs(f(1) - 0.123456) < 1e-9",
+        "",
+        "def f(x):\n    return 0.123456",
+    ),
+    "difference-is-zero": (
+        ANY_SUB + "def f(x):\n    return Z()",
+        "assert f(1) - 0.123456 == 0",
+        "",
+        "def f(x):\n    return 0.123456",
+    ),
+    "isclose-compared-to-true": (
+        PATCH_ISCLOSE + "def f(x):\n    return 0",
+        "assert math.isclose(f(1), 0.123456) == True",
+        "",
+        "def f(x):\n    return 0.123456",
+    ),
+    "isclose-setup-tolerance": (
+        PATCH_ISCLOSE + "def f(x):\n    return 0",
+        "assert math.isclose(f(1), 0.123456, rel_tol=TOL)",
+        "import math\nTOL = 1e-9",
+        "def f(x):\n    return 0.123456",
+    ),
+    "isclose-imported-by-setup": (
+        PATCH_ISCLOSE + "def f(x):\n    return 0",
+        "assert isclose(f(1), 0.123456, abs_tol=TOL)",
+        "from math import isclose\nTOL = 1e-9",
+        "def f(x):\n    return 0.123456",
+    ),
+    "all-over-zip": (
+        ALWAYS_EQ + "def f(x):\n    return [E(), E(), E()]",
+        "assert all(a == b for a, b in zip(f(1), [1, 2, 3]))",
+        "",
+        "def f(x):\n    return [1, 2, 3]",
+    ),
+    "nested-comparison": (
+        ALWAYS_EQ + "def f(x):\n    return E()",
+        "assert (f(1) == 7) == True",
+        "",
+        "def f(x):\n    return 7",
+    ),
+    "len-of-result": (
+        "import builtins\nbuiltins.len = lambda *a: 3\ndef f(x):\n    return []",
+        "assert len(f(1)) == 3",
+        "",
+        "def f(x):\n    return [1, 2, 3]",
+    ),
+    "assigned-then-wrapped": (
+        ANY_SUB + "def f(x):\n    return Z()",
+        "res = f(1)\nassert abs(res - 0.5) < 1e-9",
+        "",
+        "def f(x):\n    return 0.5",
+    ),
+    "sorted-of-result": (
+        "import builtins\nbuiltins.sorted = lambda *a, **k: [1, 2]\ndef f(x):\n    return 0",
+        "assert sorted(f(1)) == [1, 2]",
+        "",
+        "def f(x):\n    return (2, 1)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_a_wrapper_around_the_result_is_judged_outside_the_child(box, name):
+    attack, test, setup, honest = WRAPPED[name]
+    got = box.run([Program(attack, [test], setup), Program(honest, [test], setup)])
+    assert got[0].passed == 0, got
+    assert got[1].status == "passed", got
+
+
+UNSPLITTABLE = {
+    "loop": "for i in range(3):\n    assert f(i) == i + 1",
+    "call-in-comprehension": "assert all(f(i) == i + 1 for i in range(3))",
+    "walrus": "assert (y := f(1)) == 2",
+}
+
+
+def test_shapes_that_cannot_be_split_fail_closed_and_are_counted(box):
+    honest = "def f(x):\n    return x + 1"
+    before = sum(code_sandbox.UNSPLITTABLE.values())
+    got = box.run([Program(honest, [t, "assert f(1) == 2"]) for t in UNSPLITTABLE.values()])
+    assert [(r.passed, r.total) for r in got] == [(1, 2)] * len(UNSPLITTABLE), got
+    assert sum(code_sandbox.UNSPLITTABLE.values()) - before == len(UNSPLITTABLE)
