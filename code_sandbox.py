@@ -113,6 +113,8 @@ _MAX_REPLY = 8 * 1024 * 1024
 _MAX_DEPTH = 100
 _MAX_SAME_HASH = 8  # set elements / dict keys from the child that may share one hash
 _DETAIL_LEN = 200
+_SCRATCH_MB, _SCRATCH_INODES = 64, 2048  # the private /tmp (scratch dirs live there)
+_SHM_MB, _SHM_INODES = 16, 256
 _WORKER_GRACE = 3.0  # seconds a worker gets beyond the program timeout before it is replaced
 _REQUIRED = ("rlimits", "clean-env", "deadline")
 _NETWORK = ("netns", "seccomp", "landlock-net")
@@ -1755,10 +1757,13 @@ class _WorkerState:
         # As root, children run under a uid of their own that may not write here (POSIX shared
         # memory and semaphores are files in /dev/shm); only the scratch dir is theirs.
         mode = b"1777" if uid is None else b"755"
-        opts = b"size=64m,mode=" + mode
+        # The inode caps bound what empty files cost (kernel memory, and cleanup time that
+        # would otherwise fall outside the program's deadline).
+        opts = b"size=%dm,nr_inodes=%d,mode=" % (_SCRATCH_MB, _SCRATCH_INODES) + mode
         if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ms_nosuid | ms_nodev, opts) != 0:
             return False
-        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, b"size=16m,mode=" + mode)
+        opts = b"size=%dm,nr_inodes=%d,mode=" % (_SHM_MB, _SHM_INODES) + mode
+        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, opts)
         if uid is not None:
             # The sandbox uid may not be able to traverse to the interpreter (e.g. a pyenv under
             # /root, mode 0700); bind the import path somewhere it can read.
@@ -1984,6 +1989,10 @@ class _WorkerState:
             retire = True
         if sig == signal.SIGXCPU:
             timed_out = True
+        if not timed_out and time.monotonic() > deadline:
+            # Cleaning up after the program counts against its deadline: a program that
+            # finished in time but left that much behind gets nothing for its report.
+            timed_out, out = True, bytearray()
         return {
             "out": "" if overflow else out.decode("utf-8", errors="replace"),
             "timed_out": timed_out and not overflow,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ PREFIX = "QzMark"  # what the scanner looks for; the secret part is only known b
 SECRET = uuid.uuid4().hex[:16]
 MARK = PREFIX + SECRET
 DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()
+GOOD = Program("def f(x):\n    return x + 1\n", ["assert f(1) == 2"])
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +244,25 @@ def test_shapes_that_cannot_be_split_fail_closed_and_are_counted(box):
     got = box.run([Program(honest, [t, "assert f(1) == 2"]) for t in UNSPLITTABLE.values()])
     assert [(r.passed, r.total) for r in got] == [(1, 2)] * len(UNSPLITTABLE), got
     assert sum(code_sandbox.UNSPLITTABLE.values()) - before == len(UNSPLITTABLE)
+
+
+# ---- 5. Scratch has an inode cap ---------------------------------------------------------------
+
+MANY_FILES = """
+import os
+def f():
+    n = 0
+    try:
+        while n < 200000:
+            os.close(os.open(str(n), os.O_CREAT | os.O_WRONLY, 0o600))
+            n += 1
+    except OSError:
+        pass
+    return n
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the private scratch tmpfs needs namespaces")
+def test_scratch_has_an_inode_cap(box):
+    got = box.run([Program(MANY_FILES, ["assert f() < 10000"]), GOOD])
+    assert got == [code_sandbox.Result(1, 1, "passed", ""), code_sandbox.Result(1, 1, "passed", "")]
