@@ -1334,6 +1334,8 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
     "mq_open": (240, 180), "mq_unlink": (241, 181), "mq_timedsend": (242, 182),
     "mq_timedreceive": (243, 183), "mq_notify": (244, 184), "mq_getsetattr": (245, 185),
+    # Anonymous files are memory that RLIMIT_AS does not count (tmpfs files are capped by size).
+    "memfd_create": (319, 279), "memfd_secret": (447, 447),
 }
 # fmt: on
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}

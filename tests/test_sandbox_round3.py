@@ -266,3 +266,29 @@ def f():
 def test_scratch_has_an_inode_cap(box):
     got = box.run([Program(MANY_FILES, ["assert f() < 10000"]), GOOD])
     assert got == [code_sandbox.Result(1, 1, "passed", ""), code_sandbox.Result(1, 1, "passed", "")]
+
+
+# ---- 4. Memory the child creates is bounded, memfd included ------------------------------------
+
+MEMFD = """
+import os
+def f():
+    held, fds = 0, []
+    chunk = b'x' * (1 << 20)
+    try:
+        for i in range(48):
+            fd = os.memfd_create('m%d' % i)
+            fds.append(fd)
+            for _ in range(15):
+                os.write(fd, chunk)
+                held += 1
+    except OSError:
+        pass
+    return held
+"""
+
+
+def test_memfd_cannot_escape_the_memory_limit():
+    with Sandbox(workers=1, timeout=5.0, memory_mb=128) as b:
+        got = b.run([Program(MEMFD, ["assert f() < 128"])])
+    assert got[0].status == "passed", got
