@@ -108,8 +108,11 @@ class SandboxUnavailable(RuntimeError):
 
 # Limits on what crosses process boundaries; generous for MBPP, small enough for the trainer.
 _MAX_CODE = 256 * 1024
-_MAX_REPORT = 4 * 1024 * 1024
-_MAX_REPLY = 8 * 1024 * 1024
+# MBPP's largest expected values, all tests of one task together, encode to under 1 KB and
+# 250 elements: 64 KiB and 10,000 elements leave room, and any report decodes in milliseconds.
+_MAX_REPORT = 64 * 1024
+_MAX_ELEMENTS = 10_000  # decoded values (containers and scalars) in one report
+_MAX_REPLY = 1024 * 1024
 _MAX_DEPTH = 100
 _MAX_SAME_HASH = 8  # set elements / dict keys from the child that may share one hash
 _DETAIL_LEN = 200
@@ -177,9 +180,13 @@ def _encode(v: object, depth: int = 0) -> object:
     raise _Unencodable
 
 
-def _decode(v: object, depth: int = 0) -> object:
+def _decode(v: object, depth: int = 0, budget: list[int] | None = None) -> object:
     if depth > _MAX_DEPTH:
         raise ValueError("too deep")
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError("too many elements")
     t = type(v)
     if v is None or t in (bool, str, int, float):
         return v
@@ -192,7 +199,7 @@ def _decode(v: object, depth: int = 0) -> object:
         return complex(float(rest[0]), float(rest[1]))
     if tag == "y":
         return bytes.fromhex(rest[0])
-    items = [_decode(x, depth + 1) for x in rest]
+    items = [_decode(x, depth + 1, budget) for x in rest]
     if tag == "l":
         return items
     if tag == "t":
@@ -762,7 +769,8 @@ def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, 
     seen: set[object] = set()
     phase_err: tuple[str, str] | None = None
     ended = False
-    if not isinstance(text, str):
+    budget = [_MAX_ELEMENTS]
+    if not isinstance(text, str) or len(text) > _MAX_REPORT:
         raise ValueError
     for line in text.split("\n"):
         if not line:
@@ -786,8 +794,10 @@ def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, 
                 raise ValueError
             if rec[1] == "v" and len(rec) == 3:
                 try:
-                    vals[key] = _decode(rec[2])
+                    vals[key] = _decode(rec[2], 0, budget)
                 except (ValueError, TypeError, IndexError, RecursionError):
+                    if budget[0] < 0:
+                        raise ValueError("too many elements") from None
                     vals[key] = _FAIL
             elif rec[1] == "ok" and len(rec) == 2:
                 vals[key] = _OK

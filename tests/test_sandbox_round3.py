@@ -292,3 +292,50 @@ def test_memfd_cannot_escape_the_memory_limit():
     with Sandbox(workers=1, timeout=5.0, memory_mb=128) as b:
         got = b.run([Program(MEMFD, ["assert f() < 128"])])
     assert got[0].status == "passed", got
+
+
+# ---- 3. Reports are small and cheap to decode ----------------------------------------------------
+
+
+def forged_report(value: str, index: int = 1) -> str:
+    """A program that writes its own report, claiming that its first call returned `value`
+    (Python source of a JSON-able value, built in the child: the program stays short)."""
+    return (
+        (
+            "import json, os\nlines = [['code', 'ok'], ['setup', 'ok'], [0, 'ok'], [INDEX, 'v', VALUE]]\n"
+            "lines.append(['end'])\ndata = ''.join(json.dumps(x) + '\\n' for x in lines).encode()\n"
+            "view = memoryview(data)\nwhile view:\n    view = view[os.write(3, view):]\nos._exit(0)\n"
+        )
+        .replace("VALUE", value)
+        .replace("INDEX", str(index))
+    )
+
+
+def test_a_report_of_tiny_containers_costs_the_trainer_milliseconds(box, monkeypatch):
+    import time
+
+    spent = []
+    parse = code_sandbox._parse_report
+
+    def timed(*args):  # noqa: ANN002, ANN202
+        t0 = time.perf_counter()
+        try:
+            return parse(*args)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    monkeypatch.setattr(code_sandbox, "_parse_report", timed)
+    just_under_old_cap = forged_report("['l', *[['l']] * 550000]")
+    got = box.run([Program(just_under_old_cap, ["assert f(1) == 2"]), GOOD])
+    assert got[0].passed == 0 and got[1].status == "passed", got
+    assert max(spent) < 0.5, spent  # it took ~4 s with a 4 MB cap
+
+
+def test_decoded_elements_are_capped():
+    many = ["l", *[["l"]] * (code_sandbox._MAX_ELEMENTS + 1)]
+    text = json.dumps([1, "v", many]) + "\n"
+    with pytest.raises(ValueError):
+        code_sandbox._parse_report(text, 2)
+    fits = ["l", *[["l"]] * (code_sandbox._MAX_ELEMENTS // 2 - 1)]
+    vals = code_sandbox._parse_report(json.dumps([1, "v", fits]) + "\n", 2)[0]
+    assert len(vals[1]) == code_sandbox._MAX_ELEMENTS // 2 - 1
