@@ -300,15 +300,16 @@ def test_memfd_cannot_escape_the_memory_limit():
 def forged_report(value: str, index: int = 1) -> str:
     """A program that writes its own report, claiming that its first call returned `value`
     (Python source of a JSON-able value, built in the child: the program stays short)."""
-    return (
-        (
-            "import json, os\nlines = [['code', 'ok'], ['setup', 'ok'], [0, 'ok'], [INDEX, 'v', VALUE]]\n"
-            "lines.append(['end'])\ndata = ''.join(json.dumps(x) + '\\n' for x in lines).encode()\n"
-            "view = memoryview(data)\nwhile view:\n    view = view[os.write(3, view):]\nos._exit(0)\n"
-        )
-        .replace("VALUE", value)
-        .replace("INDEX", str(index))
+    code = (
+        "import json, os\n"
+        "lines = [['code', 'ok'], ['setup', 'ok'], [0, 'ok'], [INDEX, 'v', VALUE], ['end']]\n"
+        "data = ''.join(json.dumps(x) + '\\n' for x in lines).encode()\n"
+        "view = memoryview(data)\n"
+        "while view:\n"
+        "    view = view[os.write(3, view):]\n"
+        "os._exit(0)\n"
     )
+    return code.replace("VALUE", value).replace("INDEX", str(index))
 
 
 def test_a_report_of_tiny_containers_costs_the_trainer_milliseconds(box, monkeypatch):
