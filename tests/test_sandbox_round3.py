@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -250,6 +251,7 @@ def test_shapes_that_cannot_be_split_fail_closed_and_are_counted(box):
 
 MANY_FILES = """
 import os
+import shutil
 def f():
     n = 0
     try:
@@ -272,6 +274,7 @@ def test_scratch_has_an_inode_cap(box):
 
 MEMFD = """
 import os
+import shutil
 def f():
     held, fds = 0, []
     chunk = b'x' * (1 << 20)
@@ -340,3 +343,131 @@ def test_decoded_elements_are_capped():
     fits = ["l", *[["l"]] * (code_sandbox._MAX_ELEMENTS // 2 - 1)]
     vals = code_sandbox._parse_report(json.dumps([1, "v", fits]) + "\n", 2)[0]
     assert len(vals[1]) == code_sandbox._MAX_ELEMENTS // 2 - 1
+
+
+# ---- 6. No sockets at all; no file locks ------------------------------------------------------
+
+SOCKETS = """
+import socket
+def made():
+    out = []
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+        try:
+            socket.socket(socket.AF_UNIX, kind)
+            out.append(int(kind))
+        except OSError:
+            pass
+    try:
+        socket.socketpair()
+        out.append('pair')
+    except OSError:
+        pass
+    return out
+
+def reach(path, token):
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.sendall(token.encode())
+        return True
+    except OSError:
+        return False
+"""
+
+
+def shared_dir() -> Path | None:
+    """A host directory the child can see (its /tmp and /dev/shm are private)."""
+    for d in ("/var/tmp", "/run"):
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            return Path(d)
+    return None
+
+
+def test_the_child_can_create_no_socket_and_reach_no_socket_file(box):
+    import socket
+    import tempfile
+
+    base = shared_dir()
+    if base is None:
+        pytest.skip("no host directory outside /tmp to put a socket file in")
+    d = Path(tempfile.mkdtemp(dir=base))
+    try:
+        os.chmod(d, 0o777)
+        path = str(d / "s")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen(4)
+        server.settimeout(0.5)
+        tests = ["assert made() == []", f"assert reach({path!r}, {SECRET!r}) is False"]
+        got = box.run([Program(SOCKETS, tests)])
+        assert got[0].status == "passed", got
+        with pytest.raises(socket.timeout):
+            server.accept()
+        server.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+LOCKS = """
+import fcntl, os
+def locks():
+    got = []
+    fd = os.open('/dev/null', os.O_RDONLY)  # a file every program can open
+    for name, call in (
+        ('flock', lambda: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)),
+        ('lockf', lambda: fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)),
+        ('getlk', lambda: fcntl.fcntl(fd, fcntl.F_GETLK, bytes(32))),
+    ):
+        try:
+            call()
+            got.append(name)
+        except OSError:
+            pass
+    return got
+"""
+
+
+def test_file_locks_are_refused(box):
+    got = box.run([Program(LOCKS, ["assert locks() == []"])])
+    assert got[0].status == "passed", got
+
+
+# ---- 7. Values the encoder must carry ----------------------------------------------------------
+
+FRACTION_TEST = "assert f() == Fraction(1, 3)"
+
+
+def test_fractions_and_decimals_are_carried_and_a_patched_module_buys_nothing(box):
+    setup = "from fractions import Fraction"
+    gold = Program(
+        "from fractions import Fraction\ndef f():\n    return Fraction(1, 3)",
+        [FRACTION_TEST],
+        setup,
+    )
+    dec = Program(
+        "from decimal import Decimal\ndef f():\n    return Decimal('1.10')",
+        ["assert f() == Decimal('1.1')"],
+        "from decimal import Decimal",
+    )
+    patched = Program(
+        "import fractions\nfractions.Fraction.__eq__ = lambda s, o: True\n"
+        "def f():\n    return fractions.Fraction(0)",
+        [FRACTION_TEST],
+        setup,
+    )
+    got = box.run([gold, dec, patched])
+    assert [r.status for r in got[:2]] == ["passed", "passed"], got
+    assert got[2].passed == 0, got
+
+
+def test_the_hand_assembled_filter_refuses_the_same():
+    progs = [
+        Program(SOCKETS, ["assert made() == []"]),
+        Program(LOCKS, ["assert locks() == []"]),
+        Program(MEMFD, ["assert f() == 0"]),
+    ]
+    with Sandbox(workers=1, timeout=5.0, _seccomp_backend="bpf") as b:
+        assert b._info["seccomp_backend"] == "bpf"
+        got = b.run(progs)
+    assert [r.status for r in got] == ["passed"] * 3, got
