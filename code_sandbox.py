@@ -1825,7 +1825,45 @@ class _WorkerState:
             sys.path_importer_cache.clear()
         # An empty, read-only tmpfs over /proc hides other processes' environ and cmdline.
         libc.mount(b"tmpfs", b"/proc", b"tmpfs", ms_nosuid | ms_nodev, b"size=4k,mode=555")
+        self.hide_host(libc, moved=uid is not None)
         return True
+
+    @staticmethod
+    def hide_host(libc, moved: bool) -> None:  # noqa: ANN001
+        """Landlock keeps children from reading the host's files but not from stat()ing them:
+        cover every top-level directory children do not need with an empty tmpfs, and /etc
+        with one that holds only the two files they read."""
+        ms_rdonly, ms_nosuid, ms_nodev, ms_remount = 1, 2, 4, 32
+        keep = {"usr", "lib", "lib32", "lib64", "libx32", "bin", "sbin", "dev", "proc", "tmp"}
+        if not moved:  # imports still come from the interpreter's own tree
+            for p in [*sys.path, sys.prefix, sys.base_prefix, sys.executable]:
+                parts = os.path.abspath(p or "/").split("/")
+                if len(parts) > 1 and parts[1]:
+                    keep.add(parts[1])
+        etc: dict[str, bytes] = {}
+        for name in ("localtime", "ld.so.cache"):
+            try:
+                with open(f"/etc/{name}", "rb") as f:
+                    etc[name] = f.read(1 << 22)
+            except OSError:
+                pass
+        flags = ms_nosuid | ms_nodev
+        with os.scandir("/") as entries:
+            tops = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        for name in tops:
+            if name in keep or name == "etc":
+                continue
+            path = b"/" + os.fsencode(name)
+            libc.mount(b"tmpfs", path, b"tmpfs", flags | ms_rdonly, b"size=4k,nr_inodes=4,mode=555")
+        if "etc" in keep or libc.mount(b"tmpfs", b"/etc", b"tmpfs", flags, b"size=8m,mode=755"):
+            return
+        for name, data in etc.items():
+            fd = os.open(f"/etc/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        libc.mount(None, b"/etc", None, ms_remount | ms_rdonly | flags, None)
 
     def hello(self) -> dict:
         return self.info

@@ -471,3 +471,32 @@ def test_the_hand_assembled_filter_refuses_the_same():
         assert b._info["seccomp_backend"] == "bpf"
         got = b.run(progs)
     assert [r.status for r in got] == ["passed"] * 3, got
+
+
+# ---- 7. stat() does not reveal the host's files ------------------------------------------------
+
+STAT = """
+import os
+def seen(paths):
+    return [p for p in paths if os.path.lexists(p)]
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the hidden host tree needs a mount namespace")
+def test_host_paths_are_not_visible_to_stat(box):
+    import tempfile
+
+    base = shared_dir()
+    if base is None:
+        pytest.skip("no host directory outside /tmp")
+    d = Path(tempfile.mkdtemp(dir=base))
+    try:
+        secret = d / "answers.json"
+        secret.write_text("{}")
+        here = str(Path(__file__).resolve())
+        paths = [str(secret), str(d), here, "/etc/hostname", "/etc/passwd"]
+        paths = [p for p in paths if os.path.lexists(p)]
+        got = box.run([Program(STAT, [f"assert seen({paths!r}) == []"])])
+        assert got[0].status == "passed", (got, paths)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
