@@ -500,3 +500,55 @@ def test_host_paths_are_not_visible_to_stat(box):
         assert got[0].status == "passed", (got, paths)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- The whole round at once -------------------------------------------------------------------
+
+
+def round3_attacks() -> list[Program]:
+    rows = [json.loads(line) for line in MBPP.read_text().splitlines() if line.strip()]
+    here = str(Path(__file__).resolve())
+    out = [Program(scanner().code, [f"assert scan({PREFIX!r}, {DIGEST!r}, 16) >= 1"])]
+    out += [Program(REPLAY, r["test_list"], r["test_setup_code"]) for r in rows[:8]]
+    out += [Program(attack, [test], setup) for attack, test, setup, _ in WRAPPED.values()]
+    always = ALWAYS_EQ + "def f(x):\n    return E()"
+    out += [Program(always, [t]) for t in UNSPLITTABLE.values()]
+    out += [
+        Program(MANY_FILES, ["assert f() >= 10000"]),
+        Program(MEMFD, ["assert f() >= 128"]),
+        Program(SOCKETS, ["assert made()"]),
+        Program(LOCKS, ["assert locks()"]),
+        Program(forged_report("['l', *[['l']] * 550000]"), ["assert f(1) == 2"]),
+        Program(
+            "import fractions\nfractions.Fraction.__eq__ = lambda s, o: True\n"
+            "def f():\n    return fractions.Fraction(0)",
+            [FRACTION_TEST],
+            "from fractions import Fraction",
+        ),
+        Program(STAT, [f"assert seen([{here!r}])"]),
+    ]
+    return out
+
+
+def test_round_three_attacks_mixed_into_512_gold_programs():
+    import random
+
+    rows = [json.loads(line) for line in MBPP.read_text().splitlines() if line.strip()]
+    gold = [Program(r["code"], r["test_list"], r["test_setup_code"]) for r in rows]
+    gold = [gold[i % len(gold)] for i in range(512)]
+    hostile = round3_attacks()
+    programs = list(gold)
+    rng = random.Random(0)
+    where = sorted(rng.sample(range(len(gold) + len(hostile)), len(hostile)))
+    for pos, prog in zip(where, hostile, strict=True):
+        programs.insert(pos, prog)
+    with Sandbox(workers=2, timeout=2.0) as b:
+        planted = b.run([Program(PLANTER, PLANTER_TESTS)] * 2)  # marks for the scanner to find
+        got = b.run(programs)
+    assert [r.status for r in planted] == ["passed"] * 2
+    hostile_at = set(where)
+    gold_results = [r for i, r in enumerate(got) if i not in hostile_at]
+    hostile_results = [r for i, r in enumerate(got) if i in hostile_at]
+    assert len(gold_results) == 512
+    assert [r for r in gold_results if r.status != "passed"] == []
+    assert [r for r in hostile_results if r.status == "passed"] == [], hostile_results
