@@ -9,13 +9,17 @@ Design
 ------
 * ``Sandbox`` starts long-lived *worker* processes (``python -I -S code_sandbox.py --worker``)
   with an empty environment. A worker pre-imports the common stdlib modules, isolates itself
-  once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and then forks
-  one fresh child per program. As root, the worker becomes root of a user namespace that maps
-  just two host uids of its own, one for itself and one for its children; unprivileged, it and
-  its children share one uid. Each child starts a new session, switches to the children's uid
+  once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and forks a
+  *zygote* before it reads any job; every program runs in a fresh child of the zygote. The
+  zygote never handles job data (the worker hands it two pipe ends over a Unix socket and the
+  child reads its job from one), so no earlier job, reply or expected value is in a child's
+  memory. As root, the worker becomes root of a user namespace that maps just two host uids
+  of its own, one for itself and one for its children; unprivileged, it and its children share
+  one uid. Each child starts a new session, switches to the children's uid
   (losing every capability), points stdio at /dev/null, closes every other fd, sets rlimits
   and installs a seccomp filter before running model code. The filter refuses process
-  creation, exec, ptrace, signals, non-Unix sockets, mounts, namespaces and SysV/POSIX IPC.
+  creation, exec, ptrace, signals, sockets, file locks, memfds, mounts, namespaces and
+  SysV/POSIX IPC.
 * Every program gets a fresh, empty scratch directory in a base directory the child cannot
   change (as root: owned by the worker's uid, mode 0711). Afterwards the worker removes it
   whatever modes the child set; a worker that cannot restore an empty base retires and is
@@ -24,11 +28,10 @@ Design
   stops answering, and retries once, on a fresh worker, a program whose worker died under it.
 * Results travel as bounded JSON over pipes, never pickle. The parent's dispatch loop only
   moves and frames bytes; reports are decoded and scored after every job of the batch is done,
-  so no report can make another program miss its deadline. Decoding is linear in the report's
-  size whatever the values: set elements and dict keys that share a hash more than
-  ``_MAX_SAME_HASH`` times (n**2 work to insert) are refused.
-* The child never judges itself (see "Trust" below): the parent compares values it decoded
-  from a strict type-tagged encoding against expected values computed without model code.
+  so no report can make another program miss its deadline. A report is capped at
+  ``_MAX_REPORT`` bytes and ``_MAX_ELEMENTS`` decoded values, and set elements and dict keys
+  that share a hash more than ``_MAX_SAME_HASH`` times (n**2 work to insert) are refused.
+* The child never judges itself (see "Trust" below).
 
 Trust
 -----
@@ -36,31 +39,24 @@ Model code runs first inside the child, so everything in that process (the encod
 report pipe, builtins, the test's globals) is under its control: it can write anything to the
 report pipe. The protocol is built so that this buys nothing beyond hard-coding answers:
 
-* Each test is split with ``ast``. An operand that references none of the solution's names
-  (literals, builtins, comprehensions over them, stdlib modules, names bound by the dataset's
-  setup code, the right side of ``is``) never runs in the child: it is evaluated in the parent
-  when it is a literal (or a small whitelisted constructor expression such as ``set([1, 2])``),
-  else in a *clean* child that runs only the needed stdlib imports, the setup code and the
-  expression, and never ran model code (its values are cached per setup and expression).
-  Only operands that reference the solution's names are evaluated in the child, after the
-  solution ran. A forged record is therefore just a claim "CALL returned X", which the model
-  could equally produce by returning X; it cannot say "passed".
+* Each test is split with ``ast`` (``_Planner``): only the solution's own calls (calls of
+  names that neither the setup, the builtins nor the stdlib provide, or of values a test
+  statement bound to them) run in the child, after the solution ran; each is replaced by a slot
+  ``__probe__[k]`` in the rest of the test. A forged record is therefore just a claim "CALL
+  returned X", which the model could equally produce by returning X; it cannot say "passed".
 * Values are encoded only if their type is exactly int/float/complex/str/bytes/bool/None/
-  list/tuple/dict/set/frozenset (recursively); an int subclass or an always-equal object
-  cannot be encoded, so the test fails. Comparison happens on the decoded plain objects in the
-  parent, whose ``__eq__`` the model does not control. ``==`` is Python's ``==`` (floats too);
-  a tolerance applies only where the test states one (``math.isclose``, ``round``, ...).
-* ``assert A op B`` is split at its top-level operator (``==``, ``<``, ``in``, ``is``...),
-  ``not``, ``and``/``or`` and ``math.isclose``; ``assert EXPR`` by the truthiness of the decoded
-  value. A test of several simple statements (assignments, expressions, imports, asserts) is
-  split the same way; names its statements bind count as solution values. A test none of
-  whose operands names the solution (a task "write max()", shadowing a builtin) is read as
-  Python reads it: everything but literals is evaluated in the child.
-* Weaker, in-child verdicts remain for: ``is``/``is not`` whose right side is not None, True or
-  False (identity does not survive the trip out of the child), tests with compound statements
-  (``for``/``if``/``with``/``def``/``try``), and non-solution operands whose clean evaluation
-  fails or is not encodable (e.g. setup code that uses the solution's classes); those operands
-  are evaluated in the child after the solution. No bundled MBPP test takes these paths.
+  list/tuple/dict/set/frozenset/Fraction/Decimal (recursively); an int subclass or an
+  always-equal object cannot be encoded, so the test fails.
+* The rest of each test is judged on the decoded plain values, whose ``__eq__`` the model does
+  not control: ``CALL op VALUE`` (and ``assert CALL``) in the parent, with VALUE a literal or a
+  solution-free expression a *clean* child computed (cached); anything else (``abs(f(x) - y)``,
+  ``math.isclose``, ``all(...)``, nested comparisons, ``len``) by a *judge*: a clean child that
+  runs the stdlib imports and setup code, then the test's statements with ``__probe__`` bound
+  to the decoded values. ``==`` is Python's ``==`` (floats too).
+* Shapes that cannot be split (compound statements, ``:=``, a solution call on a
+  comprehension or lambda variable, assignment into a solution object) fail closed: the test
+  scores 0 and is counted in ``UNSPLITTABLE``. A builtin or stdlib name the solution defines
+  counts as the solution's only in a test that calls nothing else of it ("write max()").
 * Duplicate, malformed or unknown records void the whole program (status "error").
 * ``Result.detail`` is built by the parent from fixed strings and a whitelist of builtin
   exception names, so nothing the child writes (say, a secret it found) reaches logs.
