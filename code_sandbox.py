@@ -1728,6 +1728,9 @@ class _WorkerState:
                     self.layers["landlock"] = _landlock(abi, read, [self.base], devices)
                     self.layers["landlock-net"] = abi >= 4
                     self.info["landlock_abi"] = abi
+                    # Children can then write nowhere but the base; listing /tmp would fail
+                    # (we may not read it either) and retire the worker after every program.
+                    self.shared_tmp = []
                 except OSError:
                     pass
         self.layers["rlimits"] = True

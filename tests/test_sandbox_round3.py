@@ -552,3 +552,36 @@ def test_round_three_attacks_mixed_into_512_gold_programs():
     assert len(gold_results) == 512
     assert [r for r in gold_results if r.status != "passed"] == []
     assert [r for r in hostile_results if r.status == "passed"] == [], hostile_results
+
+
+KEEPS_WORKER = """
+import json, sys
+sys.path.insert(0, {root!r})
+from code_sandbox import Program, Sandbox
+good = Program("def f(x):\\n    return x + 1", ["assert f(1) == 2"])
+with Sandbox(workers=1, timeout=2.0) as box:
+    pids = []
+    for _ in range(3):
+        box.run([good])
+        pids.append(box._pool[0].info["pid"])
+print(json.dumps(pids))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="root + setpriv")
+def test_an_unprivileged_worker_is_not_replaced_after_every_program():
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    cmd += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", KEEPS_WORKER.format(root=root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        cwd="/",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(set(json.loads(proc.stdout))) == 1, proc.stdout
