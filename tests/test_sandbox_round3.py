@@ -585,3 +585,13 @@ def test_an_unprivileged_worker_is_not_replaced_after_every_program():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(set(json.loads(proc.stdout))) == 1, proc.stdout
+
+
+def test_iterators_a_solution_returns_are_carried_as_iterators(box):
+    tests = ["assert list(f(3)) == [0, 2, 4]", "assert sorted(f(3), reverse=True) == [4, 2, 0]"]
+    gen = "def f(n):\n    return (2 * i for i in range(n))"
+    lazy = "def f(n):\n    return map(lambda i: 2 * i, range(n))"
+    rng = "def f(n):\n    return range(0, 2 * n, 2)"
+    direct = Program(gen, ["assert f(3) == [0, 2, 4]"])  # a generator is no list, in Python too
+    got = box.run([Program(gen, tests), Program(lazy, tests), Program(rng, tests), direct])
+    assert [r.passed for r in got] == [2, 2, 2, 0], got
