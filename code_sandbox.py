@@ -1399,7 +1399,10 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _EPERM, _ENOSYS = 1, 38
 _CLONE_THREAD = 0x00010000
-_LOCK_CMDS = (5, 6, 7, 36, 37, 38)  # fcntl F_GETLK, F_SETLK, F_SETLKW and their OFD forms
+# fcntl commands refused: F_GETLK, F_SETLK, F_SETLKW and their OFD forms (locks on files every
+# program can open would signal between programs), F_SETPIPE_SZ (pipe buffers are memory that
+# RLIMIT_AS does not count; at the default size 64 fds pin at most 4 MiB).
+_FCNTL_REFUSED = (5, 6, 7, 36, 37, 38, 1031)
 # clone3 answers ENOSYS so that glibc falls back to clone(), where the flags can be inspected;
 # clone and fcntl get argument checks; everything else in the table is simply refused.
 _SPECIAL = {"clone3": _ENOSYS, "clone": None, "fcntl": None}
@@ -1454,9 +1457,9 @@ def _hand_bpf() -> bytes:
                 (ret, 0, 0, _RET_ALLOW),
             ]
         elif name == "fcntl":
-            n = len(_LOCK_CMDS)
+            n = len(_FCNTL_REFUSED)
             prog += [(jeq, 0, n + 3, nr), (ld, 0, 0, 24)]  # args[1]: the command
-            prog += [(jeq, n - i, 0, cmd) for i, cmd in enumerate(_LOCK_CMDS)]
+            prog += [(jeq, n - i, 0, cmd) for i, cmd in enumerate(_FCNTL_REFUSED)]
             prog += [(ret, 0, 0, _RET_ALLOW), (ret, 0, 0, _RET_ERRNO | _EPERM)]
         else:
             prog += [(jeq, 0, 1, nr), (ret, 0, 0, _RET_ERRNO | _SPECIAL.get(name, _EPERM))]
@@ -1507,7 +1510,7 @@ def _libseccomp_bpf() -> bytes:
             if name == "clone":
                 rules = [(ArgCmp(0, masked_eq, _CLONE_THREAD, 0),)]  # refuse unless a thread
             elif name == "fcntl":
-                rules = [(ArgCmp(1, eq, cmd, 0),) for cmd in _LOCK_CMDS]
+                rules = [(ArgCmp(1, eq, cmd, 0),) for cmd in _FCNTL_REFUSED]
             elif name == "clone3":
                 action = _RET_ERRNO | _ENOSYS
             for rule in rules:

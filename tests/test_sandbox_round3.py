@@ -595,3 +595,21 @@ def test_iterators_a_solution_returns_are_carried_as_iterators(box):
     direct = Program(gen, ["assert f(3) == [0, 2, 4]"])  # a generator is no list, in Python too
     got = box.run([Program(gen, tests), Program(lazy, tests), Program(rng, tests), direct])
     assert [r.passed for r in got] == [2, 2, 2, 0], got
+
+
+PIPES = """
+import fcntl, os
+def grown():
+    r, w = os.pipe()
+    try:
+        return fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: 1 MiB of kernel memory a pipe
+    except OSError:
+        return 0
+"""
+
+
+def test_pipe_buffers_cannot_grow():
+    progs = [Program(PIPES, ["assert grown() == 0"])]
+    for backend in ("libseccomp", "bpf"):
+        with Sandbox(workers=1, timeout=5.0, _seccomp_backend=backend) as b:
+            assert b.run(progs)[0].status == "passed", backend
