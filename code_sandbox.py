@@ -1647,11 +1647,12 @@ class _WorkerState:
     def setup(self, config: dict) -> None:
         linux = sys.platform.startswith("linux")
         libc = _libc() if linux else None
-        import shutil  # the worker's own needs, while the interpreter is surely readable
+        import fcntl  # the worker's own needs, while the interpreter is surely readable
+        import shutil
         import socket
         import stat
 
-        self.shutil, self.stat, self.socket = shutil, stat, socket
+        self.shutil, self.stat, self.socket, self.fcntl = shutil, stat, socket, fcntl
         for name in _PREIMPORT:
             try:
                 __import__(name)
@@ -1974,8 +1975,9 @@ class _WorkerState:
                     os._exit(70)
             for fd in fds:
                 os.close(fd)
-            sock.send(b"P" + struct.pack("=i", pid))
             pidfd = os.pidfd_open(pid)
+            # The worker polls the pidfd itself: it learns of the exit without waiting for us.
+            self.socket.send_fds(sock, [b"P" + struct.pack("=i", pid)], [pidfd])
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
             poller.register(sock.fileno(), select.POLLIN)
@@ -2015,15 +2017,17 @@ class _WorkerState:
         del job, body
         jr, jw = os.pipe()
         r, w = os.pipe()
+        if len(data) > 1 << 16:  # room for all of it, so that writing cannot wait for the child
+            try:
+                self.fcntl.fcntl(jw, 1031, len(data))  # F_SETPIPE_SZ
+            except OSError:
+                pass
         self.socket.send_fds(self.zsock, [b"F"], [jr, w])
         os.close(jr)
         os.close(w)
-        msg = self.zsock.recv(16)
-        if msg[:1] != b"P":
-            raise RuntimeError("zygote failed")
-        (pid,) = struct.unpack("=i", msg[1:5])
         try:
-            # The child reads all of its job before it runs anything: this cannot stall.
+            # The child reads all of its job before it runs anything: this cannot stall. Written
+            # before the zygote's answer, so that the child can start at once.
             view = memoryview(data)
             while view:
                 view = view[os.write(jw, view) :]
@@ -2031,13 +2035,17 @@ class _WorkerState:
             pass  # the child died early; its status says how
         os.close(jw)
         del data
+        msg, fds, _, _ = self.socket.recv_fds(self.zsock, 16, 1)
+        if msg[:1] != b"P" or len(fds) != 1:
+            raise RuntimeError("zygote failed")
+        (pid,) = struct.unpack("=i", msg[1:5])
+        pidfd = fds[0]
         out = bytearray()
         timed_out = overflow = False
         status = None
         poller = select.poll()
         poller.register(r, select.POLLIN)
-        zfd = self.zsock.fileno()
-        poller.register(zfd, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
         pipe_open = True
         while True:
             left = deadline - time.monotonic()
@@ -2056,8 +2064,8 @@ class _WorkerState:
                         overflow = True
             if overflow:
                 break
-            if any(fd == zfd for fd, _ in events):
-                status = self.zsock.recv(16)
+            if any(fd == pidfd for fd, _ in events):
+                status = b"exited"
                 break
         if status is None:
             # The child is alive or a zombie the zygote has not reaped: its pid is still ours.
@@ -2066,7 +2074,7 @@ class _WorkerState:
                     kill()
                 except OSError:
                     pass
-            status = self.zsock.recv(16)
+            select.select([pidfd], [], [])  # gone before its scratch dir is removed
         elif pipe_open and not overflow:
             # Child is gone, so nobody can hold the write end any more: drain what is left.
             while len(out) <= _MAX_REPORT:
@@ -2076,9 +2084,7 @@ class _WorkerState:
                 out += chunk
             overflow = len(out) > _MAX_REPORT
         os.close(r)
-        if status[:1] != b"S":
-            raise RuntimeError("zygote failed")
-        sig, code = struct.unpack("=ii", status[1:9])
+        os.close(pidfd)
         try:
             self.remove(scratch)
             for d in self.shared_tmp:
@@ -2088,6 +2094,10 @@ class _WorkerState:
             retire = bool(os.listdir(self.base))
         except Exception:  # e.g. a tree too deep to remove: a fresh worker gets a fresh base
             retire = True
+        status = self.zsock.recv(16)  # sent when the child exited: there by now, or soon
+        if status[:1] != b"S":
+            raise RuntimeError("zygote failed")
+        sig, code = struct.unpack("=ii", status[1:9])
         if sig == signal.SIGXCPU:
             timed_out = True
         if not timed_out and time.monotonic() > deadline:
