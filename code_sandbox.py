@@ -1932,9 +1932,9 @@ class _WorkerState:
         A child forked from the worker itself would inherit the previous job's reply (still
         referenced by the worker's locals), the values clean children computed and, in freed
         but not overwritten heap memory, earlier programs' source text. The zygote never
-        handles job data: the worker hands it two pipe ends over a Unix socket, it forks, and
-        the child reads its job from the pipe, so job bytes reach the child only through the
-        kernel."""
+        handles job data: it forks the next child ahead of time, the child confines itself and
+        waits on a pipe, and the zygote passes the pipe ends to the worker over a Unix socket;
+        job bytes reach the child only through the kernel."""
         socket = self.socket
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -1948,36 +1948,34 @@ class _WorkerState:
                 os._exit(0)
         theirs.close()
         self.zsock = ours
-        self.zygote_pid = pid
 
     def zygote(self, sock) -> None:  # noqa: ANN001 - socket.socket
-        """Fork one child per request; report its pid, then its exit status. The exited child
-        stays a zombie until the next request, so its pid cannot be reused while the worker
-        may still signal it."""
+        """Fork one child at a time; hand the worker its job pipe, report pipe and pidfd, then
+        its exit status once it exited, and fork the next one."""
         _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the worker
-        zombie = 0
         while True:
-            try:
-                _, fds, _, _ = self.socket.recv_fds(sock, 1, 2)
-            except OSError:
-                fds = []
-            if zombie:
-                os.waitpid(zombie, 0)
-                zombie = 0
-            if len(fds) != 2:
-                return  # the worker is gone (or confused): stop
+            jr, jw = os.pipe()
+            rr, rw = os.pipe()
             pid = os.fork()
             if pid == 0:
                 try:
                     sock.close()
-                    self.child_from_pipe(*fds)
+                    os.close(jw)
+                    os.close(rr)
+                    self.child(jr, rw)
                 finally:
                     os._exit(70)
-            for fd in fds:
-                os.close(fd)
+            os.close(jr)
+            os.close(rw)
             pidfd = os.pidfd_open(pid)
-            # The worker polls the pidfd itself: it learns of the exit without waiting for us.
-            self.socket.send_fds(sock, [b"P" + struct.pack("=i", pid)], [pidfd])
+            try:
+                self.socket.send_fds(sock, [b"P" + struct.pack("=i", pid)], [jw, rr, pidfd])
+            except OSError:
+                os.kill(pid, signal.SIGKILL)  # the worker is gone
+                os.waitpid(pid, 0)
+                return
+            for fd in (jw, rr):
+                os.close(fd)
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
             poller.register(sock.fileno(), select.POLLIN)
@@ -1990,21 +1988,14 @@ class _WorkerState:
                     os.waitpid(pid, 0)
                     return
                 if sock.fileno() in events:
-                    sock.recv(16)  # nothing is expected while a child runs: drop it
+                    sock.recv(16)  # nothing is expected from the worker: drop it
             os.close(pidfd)
-            got = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            got = os.waitid(os.P_PID, pid, os.WEXITED)
             killed = got.si_code != os.CLD_EXITED
-            sock.send(b"S" + struct.pack("=ii", got.si_status if killed else 0, got.si_status))
-            zombie = pid
-
-    def child_from_pipe(self, job_fd: int, report: int) -> None:  # pragma: no cover - child
-        data = bytearray()
-        while chunk := os.read(job_fd, 1 << 16):
-            data += chunk
-        os.close(job_fd)
-        job = json.loads(data)
-        del data
-        self.child(job, report, job["scratch"], float(job["timeout"]))
+            try:
+                sock.send(b"S" + struct.pack("=ii", got.si_status if killed else 0, got.si_status))
+            except OSError:
+                return
 
     def run_job(self, body: bytes) -> dict:
         job = json.loads(body)
@@ -2015,19 +2006,18 @@ class _WorkerState:
         job["scratch"] = scratch
         data = json.dumps(job, separators=(",", ":")).encode()
         del job, body
-        jr, jw = os.pipe()
-        r, w = os.pipe()
+        msg, fds, _, _ = self.socket.recv_fds(self.zsock, 16, 3)
+        if msg[:1] != b"P" or len(fds) != 3:
+            raise RuntimeError("zygote failed")
+        (pid,) = struct.unpack("=i", msg[1:5])
+        jw, r, pidfd = fds
         if len(data) > 1 << 16:  # room for all of it, so that writing cannot wait for the child
             try:
                 self.fcntl.fcntl(jw, 1031, len(data))  # F_SETPIPE_SZ
             except OSError:
                 pass
-        self.socket.send_fds(self.zsock, [b"F"], [jr, w])
-        os.close(jr)
-        os.close(w)
         try:
-            # The child reads all of its job before it runs anything: this cannot stall. Written
-            # before the zygote's answer, so that the child can start at once.
+            # The child reads all of its job before it runs anything: this cannot stall.
             view = memoryview(data)
             while view:
                 view = view[os.write(jw, view) :]
@@ -2035,14 +2025,9 @@ class _WorkerState:
             pass  # the child died early; its status says how
         os.close(jw)
         del data
-        msg, fds, _, _ = self.socket.recv_fds(self.zsock, 16, 1)
-        if msg[:1] != b"P" or len(fds) != 1:
-            raise RuntimeError("zygote failed")
-        (pid,) = struct.unpack("=i", msg[1:5])
-        pidfd = fds[0]
         out = bytearray()
         timed_out = overflow = False
-        status = None
+        exited = False
         poller = select.poll()
         poller.register(r, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
@@ -2065,15 +2050,18 @@ class _WorkerState:
             if overflow:
                 break
             if any(fd == pidfd for fd, _ in events):
-                status = b"exited"
+                exited = True
                 break
-        if status is None:
-            # The child is alive or a zombie the zygote has not reaped: its pid is still ours.
-            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, 9)):
+        if not exited:
+            if not self.layers["seccomp"]:  # it may have forked: its whole process group
                 try:
-                    kill()
+                    os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # no pid-reuse race
+            except OSError:
+                pass
             select.select([pidfd], [], [])  # gone before its scratch dir is removed
         elif pipe_open and not overflow:
             # Child is gone, so nobody can hold the write end any more: drain what is left.
@@ -2113,22 +2101,21 @@ class _WorkerState:
             "retire": retire,
         }
 
-    def child(self, job: dict, report: int, scratch: str, timeout: float) -> None:
-        """Runs in the forked child: confine, then run solution, setup and probes."""
+    def child(self, job_fd: int, report: int) -> None:  # pragma: no cover - child
+        """Runs in the forked child: confine itself while no job is known yet (this is off the
+        critical path), then read the job, and run solution, setup and probes."""
         import resource
 
         try:
             os.setsid()
-            os.chdir(scratch)
             for fd in (0, 1, 2):
                 os.dup2(self.null_fd, fd)
             os.dup2(report, 3)
-            os.closerange(4, 1 << 20)
+            os.dup2(job_fd, 4)
+            os.closerange(5, 1 << 20)
             mem = self.memory_mb << 20
-            cpu = int(math.ceil(timeout)) + 1
             limits = [
                 (resource.RLIMIT_AS, mem),
-                (resource.RLIMIT_CPU, cpu),
                 (resource.RLIMIT_FSIZE, 16 << 20),
                 (resource.RLIMIT_NOFILE, 64),
                 (resource.RLIMIT_CORE, 0),
@@ -2136,8 +2123,7 @@ class _WorkerState:
             if self.layers["uid"]:
                 limits.append((resource.RLIMIT_NPROC, 64))  # per-worker uid: counts only us
             for what, value in limits:
-                hard = value + 1 if what == resource.RLIMIT_CPU else value
-                resource.setrlimit(what, (value, hard))
+                resource.setrlimit(what, (value, value))
             if self.child_ids is not None:
                 uid, gid = self.child_ids
                 os.setresgid(gid, gid, gid)
@@ -2146,6 +2132,17 @@ class _WorkerState:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             if self.layers["seccomp"]:
                 self.install_seccomp()
+            data = bytearray()
+            while chunk := os.read(4, 1 << 16):
+                data += chunk
+            os.close(4)
+            if not data:
+                os._exit(0)  # the worker is gone
+            job = json.loads(data)
+            del data
+            os.chdir(job["scratch"])
+            cpu = int(math.ceil(float(job["timeout"]))) + 1
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         except BaseException:
             os._exit(70)
         try:
