@@ -11,15 +11,15 @@ Design
   with an empty environment. A worker pre-imports the common stdlib modules, isolates itself
   once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and forks a
   *zygote* before it reads any job; every program runs in a fresh child of the zygote. The
-  zygote never handles job data (the worker hands it two pipe ends over a Unix socket and the
-  child reads its job from one), so no earlier job, reply or expected value is in a child's
-  memory. As root, the worker becomes root of a user namespace that maps just two host uids
-  of its own, one for itself and one for its children; unprivileged, it and its children share
-  one uid. Each child starts a new session, switches to the children's uid
-  (losing every capability), points stdio at /dev/null, closes every other fd, sets rlimits
-  and installs a seccomp filter before running model code. The filter refuses process
-  creation, exec, ptrace, signals, sockets, file locks, memfds, mounts, namespaces and
-  SysV/POSIX IPC.
+  zygote never handles job data (it forks the next child ahead of time and hands the worker
+  the write end of the pipe the child reads its job from), so no earlier job, reply or
+  expected value is in a child's memory. As root, the worker becomes root of a user namespace
+  that maps just two host uids of its own, one for itself and one for its children;
+  unprivileged, it and its children share one uid. Each child starts a new session, switches
+  to the children's uid (losing every capability), points stdio at /dev/null, closes every
+  other fd, sets rlimits and installs a seccomp filter before it even reads its job. The
+  filter refuses process creation, exec, ptrace, signals, sockets, file locks, memfds,
+  mounts, namespaces and SysV/POSIX IPC.
 * Every program gets a fresh, empty scratch directory in a base directory the child cannot
   change (as root: owned by the worker's uid, mode 0711). Afterwards the worker removes it
   whatever modes the child set; a worker that cannot restore an empty base retires and is
