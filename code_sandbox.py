@@ -9,13 +9,17 @@ Design
 ------
 * ``Sandbox`` starts long-lived *worker* processes (``python -I -S code_sandbox.py --worker``)
   with an empty environment. A worker pre-imports the common stdlib modules, isolates itself
-  once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and then forks
-  one fresh child per program. As root, the worker becomes root of a user namespace that maps
-  just two host uids of its own, one for itself and one for its children; unprivileged, it and
-  its children share one uid. Each child starts a new session, switches to the children's uid
-  (losing every capability), points stdio at /dev/null, closes every other fd, sets rlimits
-  and installs a seccomp filter before running model code. The filter refuses process
-  creation, exec, ptrace, signals, non-Unix sockets, mounts, namespaces and SysV/POSIX IPC.
+  once (network, mount and IPC namespaces, Landlock, no_new_privs, non-dumpable) and forks a
+  *zygote* before it reads any job; every program runs in a fresh child of the zygote. The
+  zygote never handles job data (it forks the next child ahead of time and hands the worker
+  the write end of the pipe the child reads its job from), so no earlier job, reply or
+  expected value is in a child's memory. As root, the worker becomes root of a user namespace
+  that maps just two host uids of its own, one for itself and one for its children;
+  unprivileged, it and its children share one uid. Each child starts a new session, switches
+  to the children's uid (losing every capability), points stdio at /dev/null, closes every
+  other fd, sets rlimits and installs a seccomp filter before it even reads its job. The
+  filter refuses process creation, exec, ptrace, signals, sockets, file locks, memfds,
+  mounts, namespaces and SysV/POSIX IPC.
 * Every program gets a fresh, empty scratch directory in a base directory the child cannot
   change (as root: owned by the worker's uid, mode 0711). Afterwards the worker removes it
   whatever modes the child set; a worker that cannot restore an empty base retires and is
@@ -24,11 +28,10 @@ Design
   stops answering, and retries once, on a fresh worker, a program whose worker died under it.
 * Results travel as bounded JSON over pipes, never pickle. The parent's dispatch loop only
   moves and frames bytes; reports are decoded and scored after every job of the batch is done,
-  so no report can make another program miss its deadline. Decoding is linear in the report's
-  size whatever the values: set elements and dict keys that share a hash more than
-  ``_MAX_SAME_HASH`` times (n**2 work to insert) are refused.
-* The child never judges itself (see "Trust" below): the parent compares values it decoded
-  from a strict type-tagged encoding against expected values computed without model code.
+  so no report can make another program miss its deadline. A report is capped at
+  ``_MAX_REPORT`` bytes and ``_MAX_ELEMENTS`` decoded values, and set elements and dict keys
+  that share a hash more than ``_MAX_SAME_HASH`` times (n**2 work to insert) are refused.
+* The child never judges itself (see "Trust" below).
 
 Trust
 -----
@@ -36,31 +39,24 @@ Model code runs first inside the child, so everything in that process (the encod
 report pipe, builtins, the test's globals) is under its control: it can write anything to the
 report pipe. The protocol is built so that this buys nothing beyond hard-coding answers:
 
-* Each test is split with ``ast``. An operand that references none of the solution's names
-  (literals, builtins, comprehensions over them, stdlib modules, names bound by the dataset's
-  setup code, the right side of ``is``) never runs in the child: it is evaluated in the parent
-  when it is a literal (or a small whitelisted constructor expression such as ``set([1, 2])``),
-  else in a *clean* child that runs only the needed stdlib imports, the setup code and the
-  expression, and never ran model code (its values are cached per setup and expression).
-  Only operands that reference the solution's names are evaluated in the child, after the
-  solution ran. A forged record is therefore just a claim "CALL returned X", which the model
-  could equally produce by returning X; it cannot say "passed".
+* Each test is split with ``ast`` (``_Planner``): only the solution's own calls (calls of
+  names that neither the setup, the builtins nor the stdlib provide, or of values a test
+  statement bound to them) run in the child, after the solution ran; each is replaced by a slot
+  ``__probe__[k]`` in the rest of the test. A forged record is therefore just a claim "CALL
+  returned X", which the model could equally produce by returning X; it cannot say "passed".
 * Values are encoded only if their type is exactly int/float/complex/str/bytes/bool/None/
-  list/tuple/dict/set/frozenset (recursively); an int subclass or an always-equal object
-  cannot be encoded, so the test fails. Comparison happens on the decoded plain objects in the
-  parent, whose ``__eq__`` the model does not control. ``==`` is Python's ``==`` (floats too);
-  a tolerance applies only where the test states one (``math.isclose``, ``round``, ...).
-* ``assert A op B`` is split at its top-level operator (``==``, ``<``, ``in``, ``is``...),
-  ``not``, ``and``/``or`` and ``math.isclose``; ``assert EXPR`` by the truthiness of the decoded
-  value. A test of several simple statements (assignments, expressions, imports, asserts) is
-  split the same way; names its statements bind count as solution values. A test none of
-  whose operands names the solution (a task "write max()", shadowing a builtin) is read as
-  Python reads it: everything but literals is evaluated in the child.
-* Weaker, in-child verdicts remain for: ``is``/``is not`` whose right side is not None, True or
-  False (identity does not survive the trip out of the child), tests with compound statements
-  (``for``/``if``/``with``/``def``/``try``), and non-solution operands whose clean evaluation
-  fails or is not encodable (e.g. setup code that uses the solution's classes); those operands
-  are evaluated in the child after the solution. No bundled MBPP test takes these paths.
+  list/tuple/dict/set/frozenset/Fraction/Decimal (recursively); an int subclass or an
+  always-equal object cannot be encoded, so the test fails.
+* The rest of each test is judged on the decoded plain values, whose ``__eq__`` the model does
+  not control: ``CALL op VALUE`` (and ``assert CALL``) in the parent, with VALUE a literal or a
+  solution-free expression a *clean* child computed (cached); anything else (``abs(f(x) - y)``,
+  ``math.isclose``, ``all(...)``, nested comparisons, ``len``) by a *judge*: a clean child that
+  runs the stdlib imports and setup code, then the test's statements with ``__probe__`` bound
+  to the decoded values. ``==`` is Python's ``==`` (floats too).
+* Shapes that cannot be split (compound statements, ``:=``, a solution call on a
+  comprehension or lambda variable, assignment into a solution object) fail closed: the test
+  scores 0 and is counted in ``UNSPLITTABLE``. A builtin or stdlib name the solution defines
+  counts as the solution's only in a test that calls nothing else of it ("write max()").
 * Duplicate, malformed or unknown records void the whole program (status "error").
 * ``Result.detail`` is built by the parent from fixed strings and a whitelist of builtin
   exception names, so nothing the child writes (say, a secret it found) reaches logs.
@@ -108,11 +104,16 @@ class SandboxUnavailable(RuntimeError):
 
 # Limits on what crosses process boundaries; generous for MBPP, small enough for the trainer.
 _MAX_CODE = 256 * 1024
-_MAX_REPORT = 4 * 1024 * 1024
-_MAX_REPLY = 8 * 1024 * 1024
+# MBPP's largest expected values, all tests of one task together, encode to under 1 KB and
+# 250 elements: 64 KiB and 10,000 elements leave room, and any report decodes in milliseconds.
+_MAX_REPORT = 64 * 1024
+_MAX_ELEMENTS = 10_000  # decoded values (containers and scalars) in one report
+_MAX_REPLY = 1024 * 1024
 _MAX_DEPTH = 100
 _MAX_SAME_HASH = 8  # set elements / dict keys from the child that may share one hash
 _DETAIL_LEN = 200
+_SCRATCH_MB, _SCRATCH_INODES = 64, 2048  # the private /tmp (scratch dirs live there)
+_SHM_MB, _SHM_INODES = 16, 256
 _WORKER_GRACE = 3.0  # seconds a worker gets beyond the program timeout before it is replaced
 _REQUIRED = ("rlimits", "clean-env", "deadline")
 _NETWORK = ("netns", "seccomp", "landlock-net")
@@ -172,12 +173,47 @@ def _encode(v: object, depth: int = 0) -> object:
         return ["c", v.real, v.imag]  # type: ignore[attr-defined]
     if t is bytes:
         return ["y", bytes.hex(v)]  # type: ignore[arg-type]
+    if t is range:
+        return ["R", _encode(v.start), _encode(v.stop), _encode(v.step)]  # type: ignore[attr-defined]
+    if t is _Iter or (t.__module__ in ("builtins", "itertools") and hasattr(t, "__next__")):
+        # A generator, map, zip...: only a wrapper in the test (list(), sorted()) reads it, and
+        # that wrapper no longer runs here. Its items travel; it stays equal only to itself.
+        items = []
+        for x in v.items if t is _Iter else v:  # type: ignore[attr-defined]
+            if len(items) >= _MAX_ELEMENTS:
+                raise _Unencodable
+            items.append(_encode(x, depth + 1))
+        return ["i", *items]
+    # Exact numbers some tasks return; a test's expected value of these types would otherwise
+    # be unencodable, and its test could not be judged outside the child.
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and t is fractions.Fraction:
+        return ["F", _encode(v.numerator), _encode(v.denominator)]  # type: ignore[attr-defined]
+    if decimal is not None and t is decimal.Decimal:
+        return ["D", str(v)]
     raise _Unencodable
 
 
-def _decode(v: object, depth: int = 0) -> object:
+class _Iter:
+    """A decoded iterator (generator, map, zip...): iterable, and like the original equal only
+    to itself, so `list(f(x)) == [...]` holds where `f(x) == [...]` does not."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.items)
+
+
+def _decode(v: object, depth: int = 0, budget: list[int] | None = None) -> object:
     if depth > _MAX_DEPTH:
         raise ValueError("too deep")
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError("too many elements")
     t = type(v)
     if v is None or t in (bool, str, int, float):
         return v
@@ -190,7 +226,23 @@ def _decode(v: object, depth: int = 0) -> object:
         return complex(float(rest[0]), float(rest[1]))
     if tag == "y":
         return bytes.fromhex(rest[0])
-    items = [_decode(x, depth + 1) for x in rest]
+    if tag == "R":
+        start, stop, step = (_decode(x, depth + 1, budget) for x in rest[:3])
+        return range(start, stop, step)  # type: ignore[arg-type]  # TypeError unless ints
+    if tag == "F":
+        num, den = (_decode(x, depth + 1, budget) for x in rest[:2])
+        if type(num) is not int or type(den) is not int or max(abs(num), den) >> 4096:
+            raise ValueError("bad fraction")  # big ones would make gcd() slow
+        from fractions import Fraction
+
+        return Fraction(num, den)
+    if tag == "D":
+        if type(rest[0]) is not str or len(rest[0]) > 256:
+            raise ValueError("bad decimal")
+        from decimal import Decimal
+
+        return Decimal(rest[0])
+    items = [_decode(x, depth + 1, budget) for x in rest]
     if tag == "l":
         return items
     if tag == "t":
@@ -201,6 +253,8 @@ def _decode(v: object, depth: int = 0) -> object:
         return frozenset(_unclustered(items))
     if tag == "q":
         return deque(items)
+    if tag == "i":
+        return _Iter(items)
     if tag == "d" and len(items) % 2 == 0:
         return dict(zip(_unclustered(items[::2]), items[1::2], strict=True))
     raise ValueError("bad tag")
@@ -267,18 +321,6 @@ _BINOPS = {
 }
 _BUILTIN_NAMES = frozenset(vars(builtins))
 _STDLIB = frozenset(sys.stdlib_module_names)
-# Statements a multi-statement test may consist of and still be split; anything else (loops,
-# ifs, defs, try) is run in the child as a whole, which then only reports "completed".
-_SPLIT_STMTS = (
-    ast.Assert,
-    ast.Assign,
-    ast.AnnAssign,
-    ast.AugAssign,
-    ast.Expr,
-    ast.Import,
-    ast.ImportFrom,
-    ast.Pass,
-)
 
 
 def _const(node: ast.AST) -> object:
@@ -391,204 +433,294 @@ def _setup_names(setup: str) -> frozenset[str]:
     return hit
 
 
-_Step = tuple[str, object]  # ("k", known value) | ("v", expression) | ("x", statement)
 _Check = Callable[[list[object]], "bool | None"]
 _Clean = Callable[[str, tuple[str, ...]], object]
+_PROBE = "__probe__"  # the name under which child and judge see the solution's values
+# Shapes a test may not have; each is failed (never trusted to the child) and counted here.
+UNSPLITTABLE: Counter[str] = Counter()
+
+
+class _Unsplittable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _TestPlan:
+    """One test, split. The child runs `steps`: ("n", "") starts the test, ("v", CALL) is a
+    solution call whose value it reports (and keeps as __probe__[k] for later steps), ("x",
+    STMT) a statement of the test with the solution's calls replaced by __probe__[k] (so that
+    later calls see the names it binds). The verdict comes from `fast` (the parent, on the
+    decoded values) or else from a judge: a clean child that runs the setup, then `judge`
+    (("x", STMT) statements and ("a", EXPR) asserts, solution calls replaced) with __probe__
+    bound to the decoded plain values. `why` names a shape that cannot be split: failed."""
+
+    steps: tuple[tuple[str, str], ...] = ()
+    fast: _Check | None = None
+    judge: tuple[tuple[str, str], ...] = ()
+    mods: tuple[str, ...] = ()
+    why: str = ""
+
+    @property
+    def calls(self) -> int:
+        return sum(k == "v" for k, _ in self.steps)
 
 
 class _Planner:
-    """Plans one test. An operand that references none of the solution's names (literals,
-    builtins, comprehensions over them, stdlib modules, names the setup code binds) gets its
-    value from `clean(source, modules)`, which the parent computed in a child that never ran
-    model code; only operands that reference the solution's names become child probes."""
+    """Splits one test: every call of a solution name (a name the setup, the builtins and the
+    stdlib do not provide, or a name a test statement bound to a solution value) is evaluated
+    in the child, after the solution ran; the rest of the expression, wrappers included
+    (abs, subtraction, math.isclose, all(...), nested comparisons), never runs there."""
 
-    def __init__(self, setup_names: frozenset[str], clean: _Clean, literal_only: bool) -> None:
-        self.steps: list[_Step] = []
-        self.setup_names = setup_names
+    def __init__(
+        self, setup_names: frozenset[str], clean: _Clean, shadow: frozenset[str] = frozenset()
+    ) -> None:
+        self.setup_names = setup_names - shadow
         self.clean = clean
-        self.literal_only = literal_only
-        self.bound: set[str] = set()  # names the test's own statements bind: child values
+        self.shadow = shadow  # builtin/stdlib names the solution itself defines ("write max()")
+        self.steps: list[tuple[str, str]] = [("n", "")]
+        self.judge: list[tuple[str, str]] = []
+        self.ncalls = 0
+        self.tainted: set[str] = set()  # names a test statement bound to a solution value
+        self.plain: set[str] = set()  # names a test statement bound to anything else
+        self.checks: list[_Check | None] = []
+
+    def is_solution(self, name: str) -> bool:
+        if name in self.tainted:
+            return True
+        if name in self.plain or name == _PROBE:
+            return False
+        if name in self.shadow:
+            return True
+        return name not in _BUILTIN_NAMES and name not in self.setup_names | _STDLIB
+
+    def refs_solution(self, node: ast.AST, local: frozenset[str]) -> bool:
+        free = _free_names(node)
+        if free is None:
+            raise _Unsplittable("assignment expression")
+        return any(self.is_solution(n) for n in free - local)
+
+    def call(self, node: ast.expr, local: frozenset[str]) -> ast.expr:
+        free = _free_names(node)
+        if free is None:
+            raise _Unsplittable("assignment expression")
+        if free & local:
+            raise _Unsplittable("solution call on a comprehension or lambda variable")
+        self.steps.append(("v", ast.unparse(node)))
+        self.ncalls += 1
+        ref = ast.Subscript(ast.Name(_PROBE, ast.Load()), ast.Constant(self.ncalls - 1), ast.Load())
+        return ast.copy_location(ref, node)
+
+    def rewrite(self, node: ast.AST, local: frozenset[str] = frozenset()) -> ast.AST:
+        """`node` with each solution call (or solution name) replaced by its __probe__ slot."""
+        if isinstance(node, ast.expr) and not self.refs_solution(node, local):
+            return node
+        if isinstance(node, ast.Name):
+            return self.call(node, local)
+        if isinstance(node, ast.Call) and self.refs_solution(node.func, local):
+            return self.call(node, local)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            return self.call(node, local)  # obj.attr of a solution object
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            local = local | {
+                n.id for g in node.generators for n in ast.walk(g.target) if isinstance(n, ast.Name)
+            }
+        elif isinstance(node, ast.Lambda):
+            local = local | {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+        for field, value in ast.iter_fields(node):
+            if isinstance(value, ast.AST):
+                setattr(node, field, self.rewrite(value, local))
+            elif isinstance(value, list):
+                value[:] = [self.rewrite(v, local) if isinstance(v, ast.AST) else v for v in value]
+        return node
 
     def known(self, node: ast.expr) -> object:
-        """The value of an operand that does not depend on the solution, else _FAIL."""
-        if self.literal_only and any(isinstance(n, ast.Name) for n in ast.walk(node)):
-            return _FAIL
+        """The value of a test operand that involves no solution value, else _FAIL."""
         try:
             return _const(node)
         except (_NotConst, ArithmeticError, RecursionError, ValueError, TypeError, MemoryError):
             pass
         free = _free_names(node)
-        if free is None or free & self.bound:
+        if free is None or free & (self.plain | self.tainted | {_PROBE}):
             return _FAIL
         if not free <= _BUILTIN_NAMES | self.setup_names | _STDLIB:
             return _FAIL
         mods = tuple(sorted(free & _STDLIB - self.setup_names - _BUILTIN_NAMES))
         return self.clean(ast.unparse(node), mods)
 
-    def step(self, node: ast.expr, value: object) -> int:
-        if value is _FAIL or value is _PENDING:
-            self.steps.append(("v", ast.unparse(node)))
-        else:
-            self.steps.append(("k", value))
-        return len(self.steps) - 1
+    def fast(self, node: ast.expr) -> _Check | None:
+        """A parent-side verdict for `CALL op KNOWN ...` and `assert CALL`, else None."""
 
-    def operand(self, node: ast.expr) -> int:
-        return self.step(node, self.known(node))
-
-    def run(self, stmt: ast.stmt) -> _Check:
-        """A statement of a multi-statement test: run in the child; what it binds is then a
-        value the child reports, like the solution's."""
-        self.steps.append(("x", ast.unparse(stmt)))
-        i = len(self.steps) - 1
-        self.bound |= _bound_names(stmt, keep_stdlib_imports=True)
-        return lambda vals: vals[i] is _OK
-
-    def whole(self, node: ast.expr) -> _Check:
-        """The child's own verdict on an expression (weakest; see the module docstring)."""
-        i = self.operand_in_child(node)
-        return lambda vals: None if vals[i] is _FAIL else vals[i] is True
-
-    def operand_in_child(self, node: ast.expr) -> int:
-        self.steps.append(("v", ast.unparse(node)))
-        return len(self.steps) - 1
-
-    def expr(self, node: ast.expr) -> _Check:
-        if isinstance(node, ast.Compare):
-            return self.compare(node)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            inner = self.expr(node.operand)
-            return lambda vals: None if (r := inner(vals)) is None else not r
-        if isinstance(node, ast.BoolOp):
-            parts = [self.expr(v) for v in node.values]
-            want_all = isinstance(node.op, ast.And)
-
-            def boolop(vals: list[object]) -> bool | None:
-                rs = [p(vals) for p in parts]
-                if any(r is None for r in rs):
-                    return None
-                return all(rs) if want_all else any(rs)
-
-            return boolop
-        if (
-            isinstance(node, ast.Call)
-            and ast.unparse(node.func) in ("math.isclose", "isclose", "cmath.isclose")
-            and len(node.args) == 2
-            and not any(isinstance(a, ast.Starred) for a in node.args)
-            and all(k.arg in ("rel_tol", "abs_tol") for k in node.keywords)
-        ):
-            try:
-                kw = {k.arg: _const(k.value) for k in node.keywords}
-            except _NotConst:
-                kw = None
-            if kw is not None:
-                a, b = self.operand(node.args[0]), self.operand(node.args[1])
-                use_cmath = ast.unparse(node.func) == "cmath.isclose"
-
-                def isclose(vals: list[object]) -> bool | None:
-                    x, y = vals[a], vals[b]
-                    if x is _FAIL or y is _FAIL:
-                        return None
-                    ok = (int, float, complex) if use_cmath else (int, float)
-                    if type(x) not in ok or type(y) not in ok:
-                        return None
-                    try:
-                        f = __import__("cmath").isclose if use_cmath else math.isclose
-                        return bool(f(x, y, **kw))
-                    except (TypeError, ValueError):
-                        return None
-
-                return isclose
-        # Anything else: the truthiness of a plain decoded value cannot be faked.
-        i = self.operand(node)
-        return lambda vals: None if vals[i] is _FAIL else bool(vals[i])
-
-    def compare(self, node: ast.Compare) -> _Check:
-        nodes = [node.left, *node.comparators]
-        known = [self.known(n) for n in nodes]
-        for op, value in zip(node.ops, known[1:], strict=True):
-            if isinstance(op, (ast.Is, ast.IsNot)) and not any(
-                value is s for s in (None, True, False)
+        def slot(n: ast.expr) -> int | None:
+            if (
+                isinstance(n, ast.Subscript)
+                and isinstance(n.value, ast.Name)
+                and n.value.id == _PROBE
+                and isinstance(n.slice, ast.Constant)
             ):
-                # Identity survives the trip out of the child only for these singletons.
-                return self.whole(node)
-        idx = [self.step(n, v) for n, v in zip(nodes, known, strict=True)]
-        ops = list(node.ops)
+                return n.slice.value
+            return None
 
-        def check(vals: list[object]) -> bool | None:
-            xs = [vals[i] for i in idx]
-            if any(x is _FAIL for x in xs):
+        if slot(node) is not None:
+            k = slot(node)
+            return lambda vals: None if vals[k] is _FAIL else bool(vals[k])
+        if not isinstance(node, ast.Compare):
+            return None
+        operands: list[tuple[bool, object]] = []
+        for n in [node.left, *node.comparators]:
+            k = slot(n)
+            if k is not None:
+                operands.append((True, k))
+                continue
+            if any(slot(m) is not None for m in ast.walk(n)):
                 return None
-            for op, a, b in zip(ops, xs, xs[1:], strict=False):
-                try:
-                    if isinstance(op, ast.Eq):
-                        ok = _eq(a, b)
-                    elif isinstance(op, ast.NotEq):
-                        ok = not _eq(a, b)
-                    elif isinstance(op, ast.Is):
-                        ok = a is b
-                    elif isinstance(op, ast.IsNot):
-                        ok = a is not b
-                    elif isinstance(op, ast.In):
-                        ok = a in b  # type: ignore[operator]
-                    elif isinstance(op, ast.NotIn):
-                        ok = a not in b  # type: ignore[operator]
-                    elif isinstance(op, ast.Lt):
-                        ok = a < b  # type: ignore[operator]
-                    elif isinstance(op, ast.LtE):
-                        ok = a <= b  # type: ignore[operator]
-                    elif isinstance(op, ast.Gt):
-                        ok = a > b  # type: ignore[operator]
-                    else:
-                        ok = a >= b  # type: ignore[operator]
-                except Exception:
-                    return None
-                if not ok:
-                    return False
-            return True
+            value = self.known(n)
+            if value is _FAIL or value is _PENDING:
+                return None
+            operands.append((False, value))
+        return _compare_check(list(node.ops), operands)
 
-        return check
+    def statement(self, stmt: ast.stmt) -> None:
+        if isinstance(stmt, ast.Pass):
+            return
+        if isinstance(stmt, ast.Assert):
+            test = self.rewrite(stmt.test)
+            self.checks.append(self.fast(test))
+            self.judge.append(("a", ast.unparse(test)))
+            return
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            self.steps.append(("x", ast.unparse(stmt)))
+            self.judge.append(("x", ast.unparse(stmt)))
+            self.plain |= _bound_names(stmt)
+            return
+        if not isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr)):
+            raise _Unsplittable("compound statement")
+        before = self.ncalls
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+        if any(t is not None and self.refs_solution(t, frozenset()) for t in targets):
+            if isinstance(stmt, ast.Assign) or not all(isinstance(t, ast.Name) for t in targets):
+                raise _Unsplittable("assignment into a solution object")
+        if stmt.value is not None:
+            stmt.value = self.rewrite(stmt.value)
+        src = ast.unparse(stmt)
+        self.steps.append(("x", src))
+        self.judge.append(("x", src))
+        bound = _bound_names(stmt)
+        if self.ncalls > before or bound & self.tainted:
+            self.tainted |= bound  # a solution value: later calls on it run in the child
+            self.plain -= bound
+        else:
+            self.plain |= bound
+            self.tainted -= bound
 
-
-def _plan_test(
-    test: str, setup: str, clean: _Clean, literal_only: bool = False
-) -> tuple[tuple[_Step, ...], _Check]:
-    planner = _Planner(_setup_names(setup), clean, literal_only)
-    try:
+    def plan(self, test: str) -> _TestPlan:
         body = ast.parse(test).body
-        if body and all(isinstance(s, _SPLIT_STMTS) for s in body):
-            checks = [
-                planner.expr(s.test) if isinstance(s, ast.Assert) else planner.run(s) for s in body
-            ]
+        for stmt in body:
+            self.statement(stmt)
+        if not self.checks:
+            raise _Unsplittable("no assert")
+        mods: set[str] = set()
+        for _, src in self.judge:
+            free = _free_names(ast.parse(src)) or set()
+            mods |= free & _STDLIB - _BUILTIN_NAMES - self.setup_names - self.plain
+        fast = None
+        if all(c is not None for c in self.checks):
+            checks = list(self.checks)
 
-            def check(vals: list[object]) -> bool | None:
-                rs = [c(vals) for c in checks]
+            def fast(vals: list[object]) -> bool | None:
+                rs = [c(vals) for c in checks]  # type: ignore[misc]
                 return None if any(r is None for r in rs) else all(rs)
 
-        else:
-            # Loops, ifs, defs...: the child's own verdict is all we can get (weakest path).
-            planner.steps = [("x", test)]
-            check = lambda vals: vals[0] is _OK  # noqa: E731
+        return _TestPlan(tuple(self.steps), fast, tuple(self.judge), tuple(sorted(mods)))
+
+
+def _compare_check(ops: list[ast.cmpop], operands: list[tuple[bool, object]]) -> _Check:
+    def check(vals: list[object]) -> bool | None:
+        xs = [vals[x] if child else x for child, x in operands]  # type: ignore[index]
+        if any(x is _FAIL for x in xs):
+            return None
+        for op, a, b in zip(ops, xs, xs[1:], strict=False):
+            try:
+                if isinstance(op, ast.Eq):
+                    ok = _eq(a, b)
+                elif isinstance(op, ast.NotEq):
+                    ok = not _eq(a, b)
+                elif isinstance(op, ast.Is):
+                    ok = a is b
+                elif isinstance(op, ast.IsNot):
+                    ok = a is not b
+                elif isinstance(op, ast.In):
+                    ok = a in b  # type: ignore[operator]
+                elif isinstance(op, ast.NotIn):
+                    ok = a not in b  # type: ignore[operator]
+                elif isinstance(op, ast.Lt):
+                    ok = a < b  # type: ignore[operator]
+                elif isinstance(op, ast.LtE):
+                    ok = a <= b  # type: ignore[operator]
+                elif isinstance(op, ast.Gt):
+                    ok = a > b  # type: ignore[operator]
+                else:
+                    ok = a >= b  # type: ignore[operator]
+            except Exception:
+                return None
+            if not ok:
+                return False
+        return True
+
+    return check
+
+
+def _plan_test(test: str, setup: str, clean: _Clean, shadow: frozenset[str]) -> _TestPlan:
+    try:
+        plan = _Planner(_setup_names(setup), clean, shadow).plan(test)
+    except _Unsplittable as e:
+        return _TestPlan(why=str(e))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        planner.steps = []
-        check = lambda vals: False  # noqa: E731
-    if planner.steps and not literal_only and all(k == "k" for k, _ in planner.steps):
-        # Nothing in the test names the solution, unless the solution is meant to shadow a
-        # builtin or stdlib name (a task "write max()"): then Python's own reading, with the
-        # solution's names, is the only one that tests anything. Only literals stay outside.
-        return _plan_test(test, setup, clean, literal_only=True)
-    return tuple(planner.steps), check
+        return _TestPlan(why="unparsable test")
+    return plan
 
 
-_PLAN_CACHE: dict[tuple[str, str], tuple[tuple[_Step, ...], _Check]] = {}
+_PLAN_CACHE: dict[tuple[str, str, frozenset[str]], _TestPlan] = {}
 _CLEAN_CACHE: dict[tuple[str, str], object] = {}  # (setup, expression) -> value or _FAIL
+_SHADOW_CACHE: dict[str, frozenset[str]] = {}
 _PLAN_LOCK = _thread.allocate_lock()  # not threading: keeps at-fork hooks out of workers
 
 
-def _clean_requests(test: str, setup: str) -> list[tuple[str, tuple[str, ...]]]:
-    """Non-solution operands of a test whose value is not known yet."""
+def _shadow(test: str, setup: str, code: str) -> frozenset[str]:
+    """Builtin or stdlib names the test calls and the solution defines. They count as the
+    solution's only when the test calls nothing else of the solution (a task "write max()");
+    otherwise `len(f(x))` is judged with the real len whatever the solution bound to it."""
+    try:
+        names = {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name)}
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return frozenset()
+    candidates = names & (_BUILTIN_NAMES | _STDLIB) - _setup_names(setup)
+    if not candidates:
+        return frozenset()
     with _PLAN_LOCK:
-        if (test, setup) in _PLAN_CACHE:
-            return []
+        bound = _SHADOW_CACHE.get(code)
+    if bound is None:
+        try:
+            bound = frozenset(_bound_names(ast.parse(code), keep_stdlib_imports=True))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            bound = frozenset()
+        with _PLAN_LOCK:
+            if len(_SHADOW_CACHE) > 4096:
+                _SHADOW_CACHE.clear()
+            _SHADOW_CACHE[code] = bound
+    return frozenset(candidates & bound)
+
+
+def _planned(test: str, setup: str, code: str, clean: _Clean) -> tuple[_TestPlan, bool]:
+    plan = _plan_test(test, setup, clean, frozenset())
+    if not plan.why and plan.calls == 0:
+        shadow = _shadow(test, setup, code)
+        if shadow:
+            return _plan_test(test, setup, clean, shadow), True
+    return plan, False
+
+
+def _clean_requests(test: str, setup: str, code: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Non-solution operands of a test whose value is not known yet."""
     out: list[tuple[str, tuple[str, ...]]] = []
 
     def clean(src: str, mods: tuple[str, ...]) -> object:
@@ -597,16 +729,19 @@ def _clean_requests(test: str, setup: str) -> list[tuple[str, tuple[str, ...]]]:
             out.append((src, mods))
         return v
 
-    _plan_test(test, setup, clean)
+    with _PLAN_LOCK:
+        if (test, setup, frozenset()) in _PLAN_CACHE:
+            return []
+    _planned(test, setup, code, clean)
     return out
 
 
-def _plan(test: str, setup: str) -> tuple[tuple[_Step, ...], _Check]:
-    """Steps for one test and the parent-side verdict on their values. Clean values missing
-    from the cache (their clean run failed to report) fall back to child probes, uncached."""
+def _plan(test: str, setup: str, code: str) -> _TestPlan:
+    """The plan for one test. Clean values missing from the cache (their clean run failed to
+    report) leave the verdict to the judge, uncached."""
     with _PLAN_LOCK:
-        hit = _PLAN_CACHE.get((test, setup))
-    if hit is not None:
+        hit = _PLAN_CACHE.get((test, setup, frozenset()))
+    if hit is not None and (hit.why or hit.calls):
         return hit
     missing = False
 
@@ -618,12 +753,12 @@ def _plan(test: str, setup: str) -> tuple[tuple[_Step, ...], _Check]:
             return _FAIL
         return v
 
-    plan = _plan_test(test, setup, clean)
-    if not missing:
+    plan, shadowed = _planned(test, setup, code, clean)
+    if not missing and not shadowed:
         with _PLAN_LOCK:
             if len(_PLAN_CACHE) > 65536:
                 _PLAN_CACHE.clear()
-            _PLAN_CACHE[(test, setup)] = plan
+            _PLAN_CACHE[(test, setup, frozenset())] = plan
     return plan
 
 
@@ -632,12 +767,14 @@ def _clean_job(setup: str, wanted: dict[str, tuple[str, ...]], timeout: float) -
     setup code, then the expressions."""
     mods = sorted({m for ms in wanted.values() for m in ms})
     code = "".join(f"import {m}\n" for m in mods)
-    return {"code": code, "setup": setup, "probes": [["v", s] for s in wanted], "timeout": timeout}
+    probes = [["n", ""]] + [["v", s] for s in wanted]
+    return {"code": code, "setup": setup, "probes": probes, "timeout": timeout}
 
 
 def _store_clean(setup: str, srcs: list[str], reply: dict) -> None:
     try:
-        vals, seen, phase_err, _ = _parse_report(reply.get("out", ""), len(srcs))
+        vals, seen, phase_err, _ = _parse_report(reply.get("out", ""), len(srcs) + 1)
+        vals = vals[1:]
     except (ValueError, TypeError, RecursionError):
         vals, phase_err = [_FAIL] * len(srcs), ("code", "")
     if phase_err is not None or "setup" not in seen:
@@ -647,6 +784,18 @@ def _store_clean(setup: str, srcs: list[str], reply: dict) -> None:
             _CLEAN_CACHE.clear()
         for src, v in zip(srcs, vals, strict=True):
             _CLEAN_CACHE[(setup, src)] = v
+
+
+def _judge_job(setup: str, plans: list[_TestPlan], values: list[list], timeout: float) -> dict:
+    """A clean child that never ran model code judges the tests whose verdict the parent cannot
+    read off the values: `values[t]` holds test t's decoded solution values ([1, v] or [0])."""
+    mods = sorted({m for p in plans for m in p.mods})
+    probes: list[list[str]] = []
+    for t, p in enumerate(plans):
+        probes.append(["n", str(t)])
+        probes += [list(s) for s in p.judge]
+    code = "".join(f"import {m}\n" for m in mods)
+    return {"code": code, "setup": setup, "probes": probes, "values": values, "timeout": timeout}
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +814,8 @@ def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, 
     seen: set[object] = set()
     phase_err: tuple[str, str] | None = None
     ended = False
-    if not isinstance(text, str):
+    budget = [_MAX_ELEMENTS]
+    if not isinstance(text, str) or len(text) > _MAX_REPORT:
         raise ValueError
     for line in text.split("\n"):
         if not line:
@@ -689,8 +839,10 @@ def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, 
                 raise ValueError
             if rec[1] == "v" and len(rec) == 3:
                 try:
-                    vals[key] = _decode(rec[2])
+                    vals[key] = _decode(rec[2], 0, budget)
                 except (ValueError, TypeError, IndexError, RecursionError):
+                    if budget[0] < 0:
+                        raise ValueError("too many elements") from None
                     vals[key] = _FAIL
             elif rec[1] == "ok" and len(rec) == 2:
                 vals[key] = _OK
@@ -699,25 +851,66 @@ def _parse_report(text: object, nprobes: int) -> tuple[list, set, tuple | None, 
     return vals, seen, phase_err, ended
 
 
-def _score(plans: list, views: list, nprobes: int, reply: dict, timeout: float) -> Result:
-    total = len(plans)
+def _verdicts(plans: list[_TestPlan], spans: list[list[int]], vals: list, ran: bool) -> list:
+    """True/False per test where the parent can tell, None where a judge must."""
+    out: list[bool | None] = []
+    for plan, span in zip(plans, spans, strict=True):
+        if plan.why:
+            _unsplittable(plan.why)
+            out.append(False)
+        elif not ran:
+            out.append(False)
+        elif plan.fast is None:
+            out.append(None)
+        else:
+            try:
+                out.append(plan.fast([vals[x] for x in span]) is True)
+            except Exception:
+                out.append(False)
+    return out
+
+
+_LOGGED: set[str] = set()
+
+
+def _unsplittable(why: str) -> None:
+    UNSPLITTABLE[why] += 1
+    if why not in _LOGGED:
+        _LOGGED.add(why)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "sandbox: a test shape cannot be judged outside the sandboxed program (%s); "
+            "such tests are failed (counts in code_sandbox.UNSPLITTABLE)",
+            why,
+        )
+
+
+def _judged(job: dict, reply: tuple) -> list[bool]:
+    """Per judged test: did every assert hold in the judge? Anything else fails."""
+    probes = job["probes"]
+    if reply[0] != "reply":
+        return [False] * sum(k == "n" for k, _ in probes)
     try:
-        vals, seen, phase_err, ended = _parse_report(reply.get("out", ""), nprobes)
+        vals, seen, phase_err, ended = _parse_report(reply[1].get("out", ""), len(probes))
     except (ValueError, TypeError, RecursionError):
-        return Result(0, total, "error", "malformed report from the sandboxed program")
-    # Tests count only once the solution and the setup ran (this also keeps constant tests
-    # such as `assert True` from passing on their own).
-    ran = "setup" in seen and phase_err is None
-    passed = 0
-    first_fail = None
-    for i, ((_, check), view) in enumerate(zip(plans, views, strict=True)):
-        try:
-            ok = ran and check([vals[x] if child else x for child, x in view]) is True
-        except Exception:
-            ok = False
-        passed += ok
-        if not ok and first_fail is None:
-            first_fail = i
+        vals, phase_err = [_FAIL] * len(probes), ("code", "")
+    ok = phase_err is None and "setup" in seen
+    out: list[bool] = []
+    for (kind, _), v in zip(probes, vals, strict=True):
+        if kind == "n":
+            out.append(ok)
+        elif kind == "a" and v is not True:
+            out[-1] = False
+    return out
+
+
+def _score(
+    verdicts: list, reply: dict, timeout: float, phase_err: tuple | None, ended: bool
+) -> Result:
+    total = len(verdicts)
+    passed = sum(v is True for v in verdicts)
+    first_fail = next((i for i, v in enumerate(verdicts) if v is not True), None)
     if reply.get("timed_out"):
         return Result(passed, total, "timeout", f"timed out after {timeout:g}s")
     if phase_err is not None:
@@ -972,7 +1165,7 @@ class Sandbox:
         wanted: dict[str, dict[str, tuple[str, ...]]] = {}
         for _, prog, tests in todo:
             for t in tests:
-                for src, mods in _clean_requests(t, prog.setup):
+                for src, mods in _clean_requests(t, prog.setup, prog.code):
                     wanted.setdefault(prog.setup, {})[src] = mods
         if wanted:
             setups = list(wanted)
@@ -983,29 +1176,59 @@ class Sandbox:
         # Then the programs; the parent scores them only after every deadline was handled.
         jobs, specs = [], []
         for i, prog, tests in todo:
-            plans = [_plan(t, prog.setup) for t in tests]
-            probes: list[list] = []
-            views = []
-            for steps, _ in plans:
-                view = []
-                for kind, x in steps:
-                    if kind == "k":
-                        view.append((False, x))
-                    else:
-                        probes.append([kind, x])
-                        view.append((True, len(probes) - 1))
-                views.append(view)
+            plans = [_plan(t, prog.setup, prog.code) for t in tests]
+            probes: list[list[str]] = []
+            spans: list[list[int]] = []
+            for plan in plans:
+                start = len(probes)
+                probes += [list(step) for step in plan.steps]
+                spans.append([start + j for j, (k, _) in enumerate(plan.steps) if k == "v"])
             job = {"code": prog.code, "setup": prog.setup, "probes": probes}
             job["timeout"] = self.timeout
             jobs.append(job)
-            specs.append((i, plans, views, len(probes)))
-        for (i, plans, views, nprobes), got in zip(specs, self._dispatch(jobs), strict=True):
-            if got[0] == "reply":
-                results[i] = _score(plans, views, nprobes, got[1], self.timeout)
-            elif got[0] == "timeout":
+            specs.append((i, prog, plans, spans, len(probes)))
+        scored = []
+        judge_jobs, judge_for = [], []
+        for (i, prog, plans, spans, nprobes), got in zip(specs, self._dispatch(jobs), strict=True):
+            if got[0] == "timeout":
                 results[i] = Result(0, len(plans), "timeout", f"timed out after {self.timeout:g}s")
-            else:
+                continue
+            if got[0] != "reply":
                 results[i] = Result(0, len(plans), "error", "sandbox worker died")
+                continue
+            reply = got[1]
+            try:
+                vals, seen, phase_err, ended = _parse_report(reply.get("out", ""), nprobes)
+            except (ValueError, TypeError, RecursionError):
+                why = "malformed report from the sandboxed program"
+                results[i] = Result(0, len(plans), "error", why)
+                continue
+            # Tests count only once the solution and the setup ran (this also keeps constant
+            # tests such as `assert True` from passing on their own).
+            ran = "setup" in seen and phase_err is None
+            verdicts = _verdicts(plans, spans, vals, ran)
+            need = [t for t, v in enumerate(verdicts) if v is None]
+            if need:
+                values = []
+                for t in need:
+                    row = []
+                    for x in spans[t]:
+                        try:
+                            row.append([0] if vals[x] is _FAIL else [1, _encode(vals[x])])
+                        except (_Unencodable, RecursionError):
+                            row.append([0])
+                    values.append(row)
+                judge = _judge_job(prog.setup, [plans[t] for t in need], values, self.timeout)
+                judge_jobs.append(judge)
+                judge_for.append((verdicts, need))
+            scored.append((i, verdicts, reply, phase_err, ended))
+        for job, (verdicts, need), got in zip(
+            judge_jobs, judge_for, self._dispatch(judge_jobs) if judge_jobs else [], strict=True
+        ):
+            for t, ok in zip(need, _judged(job, got), strict=True):
+                verdicts[t] = ok
+        for i, verdicts, reply, phase_err, ended in scored:
+            results[i] = _score(verdicts, reply, self.timeout, phase_err, ended)
         return [r if r is not None else Result(0, 0, "error", "not run") for r in results]
 
     def _dispatch(self, jobs: list[dict]) -> list[tuple]:
@@ -1166,15 +1389,23 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
     "mq_open": (240, 180), "mq_unlink": (241, 181), "mq_timedsend": (242, 182),
     "mq_timedreceive": (243, 183), "mq_notify": (244, 184), "mq_getsetattr": (245, 185),
+    # Anonymous files are memory that RLIMIT_AS does not count (tmpfs files are capped by size).
+    "memfd_create": (319, 279), "memfd_secret": (447, 447),
+    # No program needs a socket: none of any family, so no pathname or abstract Unix socket is
+    # reachable. File locks on files every program can read would signal between programs.
+    "socketpair": (53, 199), "flock": (73, 32), "fcntl": (72, 25),
 }
 # fmt: on
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _EPERM, _ENOSYS = 1, 38
 _CLONE_THREAD = 0x00010000
-_AF_UNIX = 1
+# fcntl commands refused: F_GETLK, F_SETLK, F_SETLKW and their OFD forms (locks on files every
+# program can open would signal between programs), F_SETPIPE_SZ (pipe buffers are memory that
+# RLIMIT_AS does not count; at the default size 64 fds pin at most 4 MiB).
+_FCNTL_REFUSED = (5, 6, 7, 36, 37, 38, 1031)
 # clone3 answers ENOSYS so that glibc falls back to clone(), where the flags can be inspected;
-# clone and socket get argument checks; everything else in the table is simply refused.
-_SPECIAL = {"clone3": _ENOSYS, "clone": None, "socket": None}
+# clone and fcntl get argument checks; everything else in the table is simply refused.
+_SPECIAL = {"clone3": _ENOSYS, "clone": None, "fcntl": None}
 
 _RET_ALLOW, _RET_KILL, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 
@@ -1225,14 +1456,11 @@ def _hand_bpf() -> bytes:
                 (ret, 0, 0, _RET_ERRNO | _EPERM),
                 (ret, 0, 0, _RET_ALLOW),
             ]
-        elif name == "socket":
-            prog += [
-                (jeq, 0, 4, nr),
-                (ld, 0, 0, 16),  # args[0]: address family
-                (jeq, 1, 0, _AF_UNIX),
-                (ret, 0, 0, _RET_ERRNO | _EPERM),
-                (ret, 0, 0, _RET_ALLOW),
-            ]
+        elif name == "fcntl":
+            n = len(_FCNTL_REFUSED)
+            prog += [(jeq, 0, n + 3, nr), (ld, 0, 0, 24)]  # args[1]: the command
+            prog += [(jeq, n - i, 0, cmd) for i, cmd in enumerate(_FCNTL_REFUSED)]
+            prog += [(ret, 0, 0, _RET_ALLOW), (ret, 0, 0, _RET_ERRNO | _EPERM)]
         else:
             prog += [(jeq, 0, 1, nr), (ret, 0, 0, _RET_ERRNO | _SPECIAL.get(name, _EPERM))]
     prog.append((ret, 0, 0, _RET_ALLOW))
@@ -1268,7 +1496,7 @@ def _libseccomp_bpf() -> bytes:
     ctx = lib.seccomp_init(_RET_ALLOW)
     if not ctx:
         raise OSError("seccomp_init failed")
-    ne, masked_eq = 1, 7
+    eq, masked_eq = 4, 7
     try:
         col = 0 if _arch() == "x86_64" else 1
         for name, nrs in _SYSCALLS.items():
@@ -1277,18 +1505,18 @@ def _libseccomp_bpf() -> bytes:
                 if nrs[col] is not None or _arch() not in _AUDIT_ARCH:
                     raise OSError(f"libseccomp does not know {name}")
                 continue
-            args = (ArgCmp * 1)()
-            nargs = 0
             action = _RET_ERRNO | _EPERM
+            rules: list[tuple[ArgCmp, ...]] = [()]
             if name == "clone":
-                args[0] = ArgCmp(0, masked_eq, _CLONE_THREAD, 0)  # refuse unless CLONE_THREAD
-                nargs = 1
-            elif name == "socket":
-                args[0] = ArgCmp(0, ne, _AF_UNIX, 0)
-                nargs = 1
+                rules = [(ArgCmp(0, masked_eq, _CLONE_THREAD, 0),)]  # refuse unless a thread
+            elif name == "fcntl":
+                rules = [(ArgCmp(1, eq, cmd, 0),) for cmd in _FCNTL_REFUSED]
             elif name == "clone3":
                 action = _RET_ERRNO | _ENOSYS
-            _check(lib.seccomp_rule_add_array(ctx, action, nr, nargs, args), "seccomp rule")
+            for rule in rules:
+                args = (ArgCmp * max(1, len(rule)))(*rule)
+                ok = lib.seccomp_rule_add_array(ctx, action, nr, len(rule), args)
+                _check(ok, "seccomp rule")
         fd = os.memfd_create("seccomp")
         try:
             _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
@@ -1419,10 +1647,12 @@ class _WorkerState:
     def setup(self, config: dict) -> None:
         linux = sys.platform.startswith("linux")
         libc = _libc() if linux else None
-        import shutil  # the worker's own needs, while the interpreter is surely readable
+        import fcntl  # the worker's own needs, while the interpreter is surely readable
+        import shutil
+        import socket
         import stat
 
-        self.shutil, self.stat = shutil, stat
+        self.shutil, self.stat, self.socket, self.fcntl = shutil, stat, socket, fcntl
         for name in _PREIMPORT:
             try:
                 __import__(name)
@@ -1531,6 +1761,9 @@ class _WorkerState:
                     self.layers["landlock"] = _landlock(abi, read, [self.base], devices)
                     self.layers["landlock-net"] = abi >= 4
                     self.info["landlock_abi"] = abi
+                    # Children can then write nowhere but the base; listing /tmp would fail
+                    # (we may not read it either) and retire the worker after every program.
+                    self.shared_tmp = []
                 except OSError:
                     pass
         self.layers["rlimits"] = True
@@ -1588,10 +1821,13 @@ class _WorkerState:
         # As root, children run under a uid of their own that may not write here (POSIX shared
         # memory and semaphores are files in /dev/shm); only the scratch dir is theirs.
         mode = b"1777" if uid is None else b"755"
-        opts = b"size=64m,mode=" + mode
+        # The inode caps bound what empty files cost (kernel memory, and cleanup time that
+        # would otherwise fall outside the program's deadline).
+        opts = b"size=%dm,nr_inodes=%d,mode=" % (_SCRATCH_MB, _SCRATCH_INODES) + mode
         if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", ms_nosuid | ms_nodev, opts) != 0:
             return False
-        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, b"size=16m,mode=" + mode)
+        opts = b"size=%dm,nr_inodes=%d,mode=" % (_SHM_MB, _SHM_INODES) + mode
+        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", ms_nosuid | ms_nodev, opts)
         if uid is not None:
             # The sandbox uid may not be able to traverse to the interpreter (e.g. a pyenv under
             # /root, mode 0700); bind the import path somewhere it can read.
@@ -1621,7 +1857,45 @@ class _WorkerState:
             sys.path_importer_cache.clear()
         # An empty, read-only tmpfs over /proc hides other processes' environ and cmdline.
         libc.mount(b"tmpfs", b"/proc", b"tmpfs", ms_nosuid | ms_nodev, b"size=4k,mode=555")
+        self.hide_host(libc, moved=uid is not None)
         return True
+
+    @staticmethod
+    def hide_host(libc, moved: bool) -> None:  # noqa: ANN001
+        """Landlock keeps children from reading the host's files but not from stat()ing them:
+        cover every top-level directory children do not need with an empty tmpfs, and /etc
+        with one that holds only the two files they read."""
+        ms_rdonly, ms_nosuid, ms_nodev, ms_remount = 1, 2, 4, 32
+        keep = {"usr", "lib", "lib32", "lib64", "libx32", "bin", "sbin", "dev", "proc", "tmp"}
+        if not moved:  # imports still come from the interpreter's own tree
+            for p in [*sys.path, sys.prefix, sys.base_prefix, sys.executable]:
+                parts = os.path.abspath(p or "/").split("/")
+                if len(parts) > 1 and parts[1]:
+                    keep.add(parts[1])
+        etc: dict[str, bytes] = {}
+        for name in ("localtime", "ld.so.cache"):
+            try:
+                with open(f"/etc/{name}", "rb") as f:
+                    etc[name] = f.read(1 << 22)
+            except OSError:
+                pass
+        flags = ms_nosuid | ms_nodev
+        with os.scandir("/") as entries:
+            tops = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        for name in tops:
+            if name in keep or name == "etc":
+                continue
+            path = b"/" + os.fsencode(name)
+            libc.mount(b"tmpfs", path, b"tmpfs", flags | ms_rdonly, b"size=4k,nr_inodes=4,mode=555")
+        if "etc" in keep or libc.mount(b"tmpfs", b"/etc", b"tmpfs", flags, b"size=8m,mode=755"):
+            return
+        for name, data in etc.items():
+            fd = os.open(f"/etc/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        libc.mount(None, b"/etc", None, ms_remount | ms_rdonly | flags, None)
 
     def hello(self) -> dict:
         return self.info
@@ -1652,41 +1926,118 @@ class _WorkerState:
             os.chown(scratch, *self.child_ids)
         return scratch
 
-    def run_job(self, job: dict) -> dict:
-        timeout = float(job.get("timeout", 5.0))
-        scratch = self.fresh_scratch()  # raises if it cannot: the worker dies, the job is retried
-        r, w = os.pipe()
-        start = time.monotonic()
+    def start_zygote(self) -> None:
+        """Fork the zygote that every child is forked from, before this worker sees any job.
+
+        A child forked from the worker itself would inherit the previous job's reply (still
+        referenced by the worker's locals), the values clean children computed and, in freed
+        but not overwritten heap memory, earlier programs' source text. The zygote never
+        handles job data: it forks the next child ahead of time, the child confines itself and
+        waits on a pipe, and the zygote passes the pipe ends to the worker over a Unix socket;
+        job bytes reach the child only through the kernel."""
+        socket = self.socket
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
+        if pid == 0:  # pragma: no cover - zygote
             try:
-                os.close(r)
-                self.child(job, w, scratch, timeout)
+                ours.close()
+                for fd in (0, 1):  # hold none of the parent's pipes
+                    os.dup2(self.null_fd, fd)
+                self.zygote(theirs)
             finally:
-                os._exit(70)
-        os.close(w)
+                os._exit(0)
+        theirs.close()
+        self.zsock = ours
+
+    def zygote(self, sock) -> None:  # noqa: ANN001 - socket.socket
+        """Fork one child at a time; hand the worker its job pipe, report pipe and pidfd, then
+        its exit status once it exited, and fork the next one."""
+        _libc().prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the worker
+        while True:
+            jr, jw = os.pipe()
+            rr, rw = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    sock.close()
+                    os.close(jw)
+                    os.close(rr)
+                    self.child(jr, rw)
+                finally:
+                    os._exit(70)
+            os.close(jr)
+            os.close(rw)
+            pidfd = os.pidfd_open(pid)
+            try:
+                self.socket.send_fds(sock, [b"P" + struct.pack("=i", pid)], [jw, rr, pidfd])
+            except OSError:
+                os.kill(pid, signal.SIGKILL)  # the worker is gone
+                os.waitpid(pid, 0)
+                return
+            for fd in (jw, rr):
+                os.close(fd)
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.register(sock.fileno(), select.POLLIN)
+            while True:
+                events = dict(poller.poll())
+                if pidfd in events:
+                    break
+                if events.get(sock.fileno(), 0) & (select.POLLHUP | select.POLLERR):
+                    os.kill(pid, signal.SIGKILL)  # the worker died: take its child along
+                    os.waitpid(pid, 0)
+                    return
+                if sock.fileno() in events:
+                    sock.recv(16)  # nothing is expected from the worker: drop it
+            os.close(pidfd)
+            got = os.waitid(os.P_PID, pid, os.WEXITED)
+            killed = got.si_code != os.CLD_EXITED
+            try:
+                sock.send(b"S" + struct.pack("=ii", got.si_status if killed else 0, got.si_status))
+            except OSError:
+                return
+
+    def run_job(self, body: bytes) -> dict:
+        job = json.loads(body)
+        timeout = float(job.get("timeout", 5.0))
+        start = time.monotonic()
+        deadline = start + timeout
+        scratch = self.fresh_scratch()  # raises if it cannot: the worker dies, the job is retried
+        job["scratch"] = scratch
+        data = json.dumps(job, separators=(",", ":")).encode()
+        del job, body
+        msg, fds, _, _ = self.socket.recv_fds(self.zsock, 16, 3)
+        if msg[:1] != b"P" or len(fds) != 3:
+            raise RuntimeError("zygote failed")
+        (pid,) = struct.unpack("=i", msg[1:5])
+        jw, r, pidfd = fds
+        if len(data) > 1 << 16:  # room for all of it, so that writing cannot wait for the child
+            try:
+                self.fcntl.fcntl(jw, 1031, len(data))  # F_SETPIPE_SZ
+            except OSError:
+                pass
+        try:
+            # The child reads all of its job before it runs anything: this cannot stall.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(jw, view) :]
+        except OSError:
+            pass  # the child died early; its status says how
+        os.close(jw)
+        del data
         out = bytearray()
         timed_out = overflow = False
-        status = None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            pidfd = -1
+        exited = False
         poller = select.poll()
         poller.register(r, select.POLLIN)
-        if pidfd >= 0:
-            poller.register(pidfd, select.POLLIN)
-        deadline = start + timeout
+        poller.register(pidfd, select.POLLIN)
         pipe_open = True
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
-            # Without a pidfd, poll in short steps and check for exit by hand.
-            events = poller.poll(
-                max(1, int(left * 1000)) if pidfd >= 0 else min(left, 0.005) * 1000
-            )
+            events = poller.poll(max(1, int(left * 1000)))
             for fd, _ in events:
                 if fd == r:
                     chunk = os.read(r, 1 << 16)
@@ -1698,23 +2049,20 @@ class _WorkerState:
                         overflow = True
             if overflow:
                 break
-            if pidfd >= 0:
-                if any(fd == pidfd for fd, _ in events):
-                    got = os.waitpid(pid, 0)
-                    status = got[1]
-                    break
-            else:
-                got = os.waitpid(pid, os.WNOHANG)
-                if got[0] == pid:
-                    status = got[1]
-                    break
-        if status is None:
-            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, 9)):
+            if any(fd == pidfd for fd, _ in events):
+                exited = True
+                break
+        if not exited:
+            if not self.layers["seccomp"]:  # it may have forked: its whole process group
                 try:
-                    kill()
+                    os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            status = os.waitpid(pid, 0)[1]
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # no pid-reuse race
+            except OSError:
+                pass
+            select.select([pidfd], [], [])  # gone before its scratch dir is removed
         elif pipe_open and not overflow:
             # Child is gone, so nobody can hold the write end any more: drain what is left.
             while len(out) <= _MAX_REPORT:
@@ -1724,8 +2072,7 @@ class _WorkerState:
                 out += chunk
             overflow = len(out) > _MAX_REPORT
         os.close(r)
-        if pidfd >= 0:
-            os.close(pidfd)
+        os.close(pidfd)
         try:
             self.remove(scratch)
             for d in self.shared_tmp:
@@ -1735,34 +2082,40 @@ class _WorkerState:
             retire = bool(os.listdir(self.base))
         except Exception:  # e.g. a tree too deep to remove: a fresh worker gets a fresh base
             retire = True
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        status = self.zsock.recv(16)  # sent when the child exited: there by now, or soon
+        if status[:1] != b"S":
+            raise RuntimeError("zygote failed")
+        sig, code = struct.unpack("=ii", status[1:9])
         if sig == signal.SIGXCPU:
             timed_out = True
+        if not timed_out and time.monotonic() > deadline:
+            # Cleaning up after the program counts against its deadline: a program that
+            # finished in time but left that much behind gets nothing for its report.
+            timed_out, out = True, bytearray()
         return {
             "out": "" if overflow else out.decode("utf-8", errors="replace"),
             "timed_out": timed_out and not overflow,
             "overflow": overflow,
             "signal": sig,
-            "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+            "exit": None if sig else code,
             "retire": retire,
         }
 
-    def child(self, job: dict, report: int, scratch: str, timeout: float) -> None:
-        """Runs in the forked child: confine, then run solution, setup and probes."""
+    def child(self, job_fd: int, report: int) -> None:  # pragma: no cover - child
+        """Runs in the forked child: confine itself while no job is known yet (this is off the
+        critical path), then read the job, and run solution, setup and probes."""
         import resource
 
         try:
             os.setsid()
-            os.chdir(scratch)
             for fd in (0, 1, 2):
                 os.dup2(self.null_fd, fd)
             os.dup2(report, 3)
-            os.closerange(4, 1 << 20)
+            os.dup2(job_fd, 4)
+            os.closerange(5, 1 << 20)
             mem = self.memory_mb << 20
-            cpu = int(math.ceil(timeout)) + 1
             limits = [
                 (resource.RLIMIT_AS, mem),
-                (resource.RLIMIT_CPU, cpu),
                 (resource.RLIMIT_FSIZE, 16 << 20),
                 (resource.RLIMIT_NOFILE, 64),
                 (resource.RLIMIT_CORE, 0),
@@ -1770,8 +2123,7 @@ class _WorkerState:
             if self.layers["uid"]:
                 limits.append((resource.RLIMIT_NPROC, 64))  # per-worker uid: counts only us
             for what, value in limits:
-                hard = value + 1 if what == resource.RLIMIT_CPU else value
-                resource.setrlimit(what, (value, hard))
+                resource.setrlimit(what, (value, value))
             if self.child_ids is not None:
                 uid, gid = self.child_ids
                 os.setresgid(gid, gid, gid)
@@ -1780,6 +2132,17 @@ class _WorkerState:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             if self.layers["seccomp"]:
                 self.install_seccomp()
+            data = bytearray()
+            while chunk := os.read(4, 1 << 16):
+                data += chunk
+            os.close(4)
+            if not data:
+                os._exit(0)  # the worker is gone
+            job = json.loads(data)
+            del data
+            os.chdir(job["scratch"])
+            cpu = int(math.ceil(float(job["timeout"]))) + 1
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         except BaseException:
             os._exit(70)
         try:
@@ -1806,10 +2169,23 @@ def _child_run(job: dict) -> None:
             _child_emit([phase, "e", type(e).__name__])
             return
         _child_emit([phase, "ok"])
+    values = job.get("values")  # a judge's job: the solution's values, decoded plain data
+    slots: dict = {}
+    n = 0
     for i, (kind, src) in enumerate(job["probes"]):
         try:
-            if kind == "v":
+            if kind == "n":  # a new test: its own slots
+                slots, n = {}, 0
+                if values is not None:
+                    for k, v in enumerate(values[int(src)]):
+                        if v[0]:
+                            slots[k] = _decode(v[1])
+                g[_PROBE] = slots
+                rec = [i, "ok"]
+            elif kind == "v":
+                k, n = n, n + 1
                 value = eval(compile(src, "<test>", "eval"), g)
+                slots[k] = value
                 try:
                     rec = [i, "v", _encode(value)]
                     line = json.dumps(rec, separators=(",", ":"))
@@ -1817,6 +2193,8 @@ def _child_run(job: dict) -> None:
                     rec, line = [i, "e", "TypeError"], None
                 if line is not None and len(line) > _MAX_REPORT // 4:
                     rec = [i, "e", "MemoryError"]
+            elif kind == "a":
+                rec = [i, "v", bool(eval(compile(src, "<test>", "eval"), g))]
             else:
                 exec(compile(src, "<test>", "exec"), g)
                 rec = [i, "ok"]
@@ -1839,6 +2217,7 @@ def _worker_main(config_json: str) -> None:
     os.dup2(state.null_fd, 2)
     gc.collect()
     gc.freeze()  # children then do not touch (copy) the pre-imported objects' pages
+    state.start_zygote()
     while True:
         header = _read_exact(0, 4)
         if header is None:
@@ -1847,7 +2226,8 @@ def _worker_main(config_json: str) -> None:
         body = _read_exact(0, n)
         if body is None:
             return
-        reply = state.run_job(json.loads(body))
+        reply = state.run_job(body)
+        del body
         _send(1, reply)
         if reply["retire"]:
             return

@@ -318,7 +318,6 @@ HONEST_SHAPES = [
         "",
     ),
     ("import math\ndef f(x):\n    return math.sqrt(x)", "assert f(2) == math.sqrt(2)", ""),
-    ("def f(x):\n    return x + 1", "for i in range(3):\n    assert f(i) == i + 1", ""),
     ("class N:\n    v = 5\ndef f(n):\n    return n.v", "assert f(node) == 5", "node = N()"),
     ("def f(x):\n    return x", "assert f(data) == data", "data = {'a': [1, 2]}"),
 ]
