@@ -5,6 +5,7 @@ pieces (the rows, the scorer), so nothing here knows a task."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,43 +17,44 @@ def score_file(
     path: str, n_rows: int, split: str, score: Callable[[list[int], list[str]], dict]
 ) -> int:
     """--score: `path` holds one {"row", "completion"} per line; `score(rows, completions)` is
-    train_trl_grpo.score_completions for those rows' golds. Writes PATH.scored.jsonl and prints
-    one JSON summary line last."""
-    items = []
-    with open(path) as fh:
+    train_trl_grpo.score_completions for those rows' golds. A line that does not parse, or names
+    a row the split lacks, is skipped with one line on stderr naming it: the others are scored.
+    Writes PATH.scored.jsonl and prints one JSON summary line last (skipped: their line numbers);
+    exit 1 only when no line could be scored."""
+    items, skipped = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for ln, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            problem = ""
             try:
                 obj = json.loads(line)
                 r, comp = obj["row"], obj["completion"]
                 if type(r) is not int or not isinstance(comp, str):  # a bool is not a row
                     raise TypeError
-            except (ValueError, KeyError, TypeError):
-                raise DataError(
-                    f'{path}: line {ln}: expected {{"row": <int>, "completion": "<text>"}}'
-                ) from None
-            if not 0 <= r < n_rows:
-                raise DataError(
-                    f"{path}: line {ln}: row {r} is out of range (split {split} has {n_rows} rows)"
-                )
-            items.append((r, comp))
+                if not 0 <= r < n_rows:
+                    problem = f"row {r} is out of range (split {split} has {n_rows} rows)"
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                problem = 'expected {"row": <int>, "completion": "<text>"}'
+            if problem:
+                print(f"skipped: {path}: line {ln}: {problem}", file=sys.stderr, flush=True)
+                skipped.append(ln)
+            else:
+                items.append((r, comp))
+    if skipped and not items:
+        raise DataError(f"{path}: none of its {len(skipped)} lines could be scored (see above)")
     scored = score([r for r, _ in items], [c for _, c in items])
-    out_path = path + ".scored.jsonl"
     n_correct = 0
-    with open(out_path, "w") as out:
+    with open(path + ".scored.jsonl", "w") as out:
         for i, (r, _) in enumerate(items):
             comps = {k: v[i] for k, v in scored["components"].items()}
             correct = comps["correctness"] == 1.0
             n_correct += correct
-            out.write(
-                json.dumps(
-                    {"row": r, "reward": scored["reward"][i], "rewards": comps, "correct": correct}
-                )
-                + "\n"
-            )
+            rec = {"row": r, "reward": scored["reward"][i], "rewards": comps, "correct": correct}
+            out.write(json.dumps(rec) + "\n")
     mean = sum(scored["reward"]) / len(items) if items else 0.0
-    print(json.dumps({"n": len(items), "correct": n_correct, "mean_reward": mean}))
+    summary = {"n": len(items), "correct": n_correct, "mean_reward": mean, "skipped": skipped}
+    print(json.dumps(summary))
     return 0
 
 

@@ -47,7 +47,7 @@ def summary_line(proc: subprocess.CompletedProcess) -> dict:
     """The JSON summary, which must be the last line on stdout."""
     last = proc.stdout.strip().splitlines()[-1]
     out = json.loads(last)
-    assert set(out) == {"n", "correct", "mean_reward"}, last
+    assert set(out) - {"skipped"} == {"n", "correct", "mean_reward"}, last  # skipped: --score
     return out
 
 
@@ -125,7 +125,7 @@ def test_score_gsm8k(tmp_path):
         {"correctness": 1.0, "format": 1.0},
     ]
     assert [x["reward"] for x in scored] == pytest.approx([1.1, 0.1, 0.0, 1.1])
-    assert s == {"n": 4, "correct": 2, "mean_reward": pytest.approx(2.3 / 4)}
+    assert s == {"n": 4, "correct": 2, "mean_reward": pytest.approx(2.3 / 4), "skipped": []}
 
 
 def test_score_math_and_reward_weights(tmp_path):
@@ -141,7 +141,7 @@ def test_score_math_and_reward_weights(tmp_path):
     assert [x["rewards"]["correctness"] for x in scored] == [1.0, 1.0, 0.0]
     assert [x["rewards"]["format"] for x in scored] == [1.0, 1.0, 1.0]
     assert [x["reward"] for x in scored] == pytest.approx([1.1, 1.1, 0.1])
-    assert s == {"n": 3, "correct": 2, "mean_reward": pytest.approx(2.3 / 3)}
+    assert s == {"n": 3, "correct": 2, "mean_reward": pytest.approx(2.3 / 3), "skipped": []}
     # The weights are the training weights: --format-weight 0.5 changes the reward, not `correct`.
     s, scored = score(tmp_path, "math", items, "--format-weight", "0.5")
     assert [x["reward"] for x in scored] == pytest.approx([1.5, 1.5, 0.5])
@@ -164,7 +164,7 @@ def test_score_mbpp_fraction_and_all(tmp_path):
     assert [x["rewards"]["format"] for x in scored] == [1.0, 1.0, 1.0, 0.0]
     assert [x["reward"] for x in scored] == pytest.approx([1.1, 0.6, 0.1, 0.0])
     assert [x["correct"] for x in scored] == [True, False, False, False]
-    assert s == {"n": 4, "correct": 1, "mean_reward": pytest.approx(1.8 / 4)}
+    assert s == {"n": 4, "correct": 1, "mean_reward": pytest.approx(1.8 / 4), "skipped": []}
     s, scored = score(tmp_path, "mbpp", items, "--mbpp-reward", "all")
     assert [x["rewards"]["correctness"] for x in scored] == [1.0, 0.0, 0.0, 0.0]
     assert s["correct"] == 1
@@ -190,22 +190,32 @@ GOOD = {"row": 0, "completion": "\\boxed{18}"}
         '"text"',
     ],
 )
-def test_score_malformed_line(tmp_path, bad):
+def test_score_malformed_line_is_skipped_and_the_rest_scored(tmp_path, bad):
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD, bad, GOOD])
     proc = run(*data_args("gsm8k"), "--score", str(path))
-    assert proc.returncode != 0
+    assert proc.returncode == 0, proc.stderr
     line = one_error_line(proc)
-    assert "line 2" in line and str(path) in line
-    assert not Path(str(path) + ".scored.jsonl").exists()
+    assert "line 2" in line and str(path) in line and "skipped" in line
+    summary = summary_line(proc)
+    assert summary["n"] == 2 and summary["skipped"] == [2]
+    assert len(Path(str(path) + ".scored.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("row", [264, -1, 10**9])
-def test_score_row_out_of_range(tmp_path, row):
+def test_score_row_out_of_range_is_skipped_and_named(tmp_path, row):
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD, GOOD, {"row": row, "completion": "x"}])
     proc = run(*data_args("gsm8k"), "--score", str(path))
-    assert proc.returncode != 0
+    assert proc.returncode == 0, proc.stderr
     line = one_error_line(proc)
     assert "line 3" in line and f"row {row}" in line and "264 rows" in line
+    assert summary_line(proc)["skipped"] == [3]
+
+
+def test_score_with_no_line_that_parses_fails_in_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", ["not json", '{"row": 0}'])
+    proc = run(*data_args("gsm8k"), "--score", str(path))
+    assert proc.returncode == 1
+    assert "none of its 2 lines could be scored" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_score_missing_file(tmp_path):
