@@ -348,7 +348,9 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 CODE_INSTRUCTION = (
     "Write the Python function in one ```python code block. Your code should pass these tests:"
 )
-CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+# What may follow a code fence's opening ```, up to its newline. Possessive: a fence followed by a
+# megabyte of spaces must cost linear time, not quadratic (model output is hostile input).
+FENCE_HEAD = re.compile(r"[ \t]*+(?:python|py|Python)?+[ \t]*+\n")
 
 
 @dataclass(frozen=True)
@@ -441,8 +443,7 @@ def grade_code(cfg: Config, completions: list[str], golds: list[str]) -> list[fl
     programs = []
     for text, g in zip(completions, golds, strict=True):
         spec = json.loads(g)
-        block = CODE_BLOCK.search(text)
-        code = block.group(1) if block else ""
+        code = next(iter(code_blocks(text)), "")
         programs.append(code_sandbox.Program(code=code, tests=spec["tests"], setup=spec["setup"]))
     results = code_sandbox_of(cfg).run(programs)
     if cfg.mbpp_reward == "all":
@@ -455,8 +456,24 @@ def code_sandbox_of(cfg: Config):
     return sandbox(cfg.sandbox_workers, cfg.sandbox_timeout, cfg.unsafe_code_exec)
 
 
+def code_blocks(text: str) -> list[str]:
+    """The ```python (or bare ```) fenced blocks of `text`, in one left-to-right pass."""
+    blocks, at = [], 0
+    while (start := text.find("```", at)) != -1:
+        head = FENCE_HEAD.match(text, start + 3)
+        if head is None:  # not an opening fence: the next ``` may be
+            at = start + 1
+            continue
+        end = text.find("```", head.end())
+        if end == -1:  # unclosed: no later fence can close either
+            break
+        blocks.append(text[head.end() : end])
+        at = end + 3
+    return blocks
+
+
 def one_code_block(text: str) -> bool:
-    blocks = CODE_BLOCK.findall(text)
+    blocks = code_blocks(text)
     return len(blocks) == 1 and blocks[0].strip() != ""
 
 
