@@ -21,12 +21,15 @@ What the subclass adds:
   generation rounds per batch (the first included). When the cap is hit it says so in one line and
   fills the batch with dropped groups (zero advantage) so that TRL's batch shapes stay intact.
   Logged per step: `dynamic_sampling/dropped_frac` (share of generated groups dropped),
-  `dynamic_sampling/rounds` and `dynamic_sampling/cap_hit`. With it off, every override below
-  calls TRL's method unchanged.
+  `dynamic_sampling/rounds` and `dynamic_sampling/cap_hit`; TRL's generation metrics (reward,
+  lengths, ...) are pooled over the rounds, each round weighted by the groups it generated. With
+  it off, every override below calls TRL's method unchanged.
 * Time breakdown: every optimizer step logs `time/generation`, `time/reward`, `time/train`
-  (forward, backward, the old/ref log-prob passes and the optimizer), `time/weight_sync`,
-  `time/eval`, their window `time/step` (from the step's start to the end of its evaluation;
-  checkpoint saving and logging come after it) and `generation/tokens_per_s`.
+  (forward, backward, the old/ref log-prob passes, the NaN check, gradient clipping and the
+  optimizer step), `time/weight_sync`, `time/eval`, their window `time/step` (from the step's
+  start to the end of its evaluation; checkpoint saving and logging come after it) and
+  `generation/tokens_per_s` (all processes' completion tokens). On a GPU each section boundary
+  synchronizes the device, so queued kernels count where they were launched.
 
 The callbacks: `LogCallback` appends every log to output_dir/log.jsonl as it happens;
 `EvalCallback` evaluates at the baseline, every eval_every steps and at the last step, on the
@@ -41,6 +44,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -53,18 +57,31 @@ TIME_KEYS = ("generation", "reward", "train", "weight_sync", "eval")
 
 class StepClock:
     """Wall time per category; time inside a nested section counts for the inner category only,
-    so the categories of one step add up to the time they cover."""
+    so the categories of one step add up to the time they cover.
 
-    def __init__(self) -> None:
+    On a GPU every boundary waits for the queued kernels first (`sync`, torch.cuda.synchronize by
+    default): kernels run asynchronously, so without it a section that launches work (backward)
+    ends early and the next one to wait for the GPU (often a NaN check or the optimizer) is billed
+    for it. One synchronize per boundary, a handful per step, costs microseconds."""
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        if sync is None and torch.cuda.is_available():
+            sync = torch.cuda.synchronize
+        self.sync = sync
         self.totals: dict[str, float] = defaultdict(float)
         self._open: list[list] = []  # [name, start, time spent in nested sections]
 
+    def now(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
     def start(self, name: str) -> None:
-        self._open.append([name, time.perf_counter(), 0.0])
+        self._open.append([name, self.now(), 0.0])
 
     def stop(self) -> None:
         name, start, nested = self._open.pop()
-        elapsed = time.perf_counter() - start
+        elapsed = self.now() - start
         self.totals[name] += elapsed - nested
         if self._open:
             self._open[-1][2] += elapsed
@@ -79,33 +96,37 @@ class StepClock:
 
 
 class _StepTimer(TrainerCallback):
-    """Opens the step window at on_step_begin and closes it in on_step_end. Added after every
-    other callback, so the evaluation callback's on_step_end falls inside the window."""
+    """Opens the step window and the "train" section at on_step_begin; "train" closes after the
+    optimizer step, the window in on_step_end. So "train" is the step up to and including the
+    optimizer step (forward, backward, the NaN check, gradient clipping, optimizer) less the
+    sections nested in it (generation, reward, weight sync). Added after every other callback,
+    so the evaluation callback's on_step_end falls inside the window."""
 
     def __init__(self, trainer: DynamicSamplingGRPOTrainer) -> None:
         self.t = trainer
         self.begin = 0.0
 
     def on_step_begin(self, args, state, control, **kw):
-        self.t.clock.totals.clear()
+        clock = self.t.clock
+        clock.totals.clear()
         self.t._generated_tokens = 0
-        self.begin = time.perf_counter()
-
-    def on_pre_optimizer_step(self, args, state, control, **kw):
-        self.t.clock.start("train")
+        self.begin = clock.now()
+        clock.start("train")
 
     def on_optimizer_step(self, args, state, control, **kw):
         self.t.clock.stop()
 
     def on_step_end(self, args, state, control, **kw):
-        totals, metrics = self.t.clock.totals, self.t._metrics["train"]
-        metrics["time/step"].append(time.perf_counter() - self.begin)
+        clock, metrics, acc = self.t.clock, self.t._metrics["train"], self.t.accelerator
+        totals = clock.totals
+        metrics["time/step"].append(clock.now() - self.begin)
         for key in TIME_KEYS:
             metrics[f"time/{key}"].append(totals.get(key, 0.0))
+        # Every process generates its share of the batch: the throughput is all of their tokens
+        # over this process's generation time (the processes wait for each other inside it).
+        tokens = int(acc.gather(torch.tensor([self.t._generated_tokens], device=acc.device)).sum())
         if totals.get("generation"):
-            metrics["generation/tokens_per_s"].append(
-                self.t._generated_tokens / totals["generation"]
-            )
+            metrics["generation/tokens_per_s"].append(tokens / totals["generation"])
 
 
 class DynamicSamplingGRPOTrainer(GRPOTrainer):
@@ -132,10 +153,6 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         self.add_callback(_StepTimer(self))
 
     # --- timing: each override calls TRL's method unchanged -----------------------------------
-    def training_step(self, model, inputs, num_items_in_batch):
-        with self.clock.section("train"):
-            return super().training_step(model, inputs, num_items_in_batch)
-
     def _generate(self, prompts: list):
         with self.clock.section("generation"):
             out = super()._generate(prompts)
@@ -158,7 +175,11 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         spare: list[tuple[dict, int]] = []  # zero-variance groups, for a batch the cap cuts short
         seen = dropped = 0
         batch = inputs
+        metrics = self._metrics["train"]
+        start = {k: len(v) for k, v in metrics.items()}
+        per_round: list[tuple[int, dict[str, list[float]]]] = []  # (groups, metrics it appended)
         for rounds in range(1, self.max_rounds + 1):
+            before = {k: len(v) for k, v in metrics.items()}
             out = super()._generate_and_score_completions(batch)
             signal = self._groups_with_signal(len(batch))
             for g, has_signal in enumerate(signal):
@@ -166,6 +187,7 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
             counts = acc.gather(
                 torch.tensor([len(signal), len(signal) - sum(signal), len(kept)], device=acc.device)
             ).view(-1, 3)
+            per_round.append((int(counts[:, 0].sum()), _appended(metrics, before)))
             seen, dropped = seen + int(counts[:, 0].sum()), dropped + int(counts[:, 1].sum())
             missing = want - int(counts[:, 2].min())  # the same on every process: same rounds
             if missing <= 0 or rounds == self.max_rounds:
@@ -182,7 +204,7 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
                 flush=True,
             )
         chosen = (kept + spare[::-1])[:want]  # newest spares first: the freshest samples
-        metrics = self._metrics["train"]
+        _pool_rounds(metrics, start, per_round)
         metrics["dynamic_sampling/dropped_frac"].append(dropped / seen)
         metrics["dynamic_sampling/rounds"].append(float(rounds))
         metrics["dynamic_sampling/cap_hit"].append(float(missing > 0))
@@ -232,6 +254,44 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
 def _pad_to(x: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:
     fill = x.new_full((x.size(0), width - x.size(1)), value)
     return torch.cat([fill, x] if side == "left" else [x, fill], dim=1)
+
+
+# TRL sets this metric (a running total) instead of appending to it.
+_SET_NOT_APPENDED = ("num_tokens",)
+
+
+def _appended(metrics: dict[str, list], before: dict[str, int]) -> dict[str, list[float]]:
+    return {
+        k: v[before.get(k, 0) :]
+        for k, v in metrics.items()
+        if len(v) > before.get(k, 0) and k not in _SET_NOT_APPENDED
+    }
+
+
+def _pool_rounds(
+    metrics: dict[str, list], start: dict[str, int], rounds: list[tuple[int, dict[str, list]]]
+) -> None:
+    """Replace what TRL appended in each generation round of one batch by one value per metric,
+    weighted by the groups each round generated. TRL averages a metric's list at log time, so a
+    refill round of one group would otherwise weigh as much as the first round of the whole batch.
+    Minima and maxima are taken over the rounds; everything else (means, shares, standard
+    deviations) is the group-weighted mean of the rounds' values."""
+    for key in dict.fromkeys(k for _, appended in rounds for k in appended):
+        vals = [
+            (groups, sum(ok) / len(ok))
+            for groups, appended in rounds
+            if (ok := [x for x in appended.get(key, []) if not math.isnan(x)])
+        ]
+        del metrics[key][start.get(key, 0) :]
+        leaf = key.rsplit("/", 1)[-1]
+        if not vals:
+            metrics[key].append(math.nan)  # as TRL's log(): a NaN-only metric logs None
+        elif leaf == "min" or leaf.startswith("min_") or leaf.endswith("_min"):
+            metrics[key].append(min(v for _, v in vals))
+        elif leaf == "max" or leaf.startswith("max_") or leaf.endswith("_max"):
+            metrics[key].append(max(v for _, v in vals))
+        else:
+            metrics[key].append(sum(g * v for g, v in vals) / sum(g for g, _ in vals))
 
 
 def print_run_summary(args, weights_dtype) -> None:

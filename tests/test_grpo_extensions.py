@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 import train_trl_grpo as T
 from grpo_extensions import StepClock
@@ -208,3 +209,79 @@ def test_step_clock_counts_nested_time_once(monkeypatch):
     with clock.section("eval"):
         pass
     assert dict(clock.totals) == {"generation": 2.0, "train": 2.0, "eval": 2.0}
+
+
+def test_dynamic_sampling_metrics_weigh_each_round_by_its_groups(clean_env, tokenizer):
+    """A refill round of one group must not weigh as much as the first round of the batch."""
+    cfg = _cfg("--dynamic-sampling", "--dynamic-sampling-max-rounds", "10", "--batch-size", "8")
+    trainer = T.build_trainer(
+        cfg, T.build_smoke_model(tokenizer, 0), tokenizer, _prompts(tokenizer), [_odd_rows_vary]
+    )
+    rounds: list[tuple[int, list[float], list[int]]] = []  # (step, rewards, completion lengths)
+    calculate = trainer._calculate_rewards
+
+    def spy(inputs, prompts, completions, completion_ids_list):
+        rewards = calculate(inputs, prompts, completions, completion_ids_list)
+        lengths = [len(ids) for ids in completion_ids_list]
+        rounds.append((trainer.state.global_step, rewards[:, 0].tolist(), lengths))
+        return rewards
+
+    trainer._calculate_rewards = spy
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == cfg.total_steps
+    differs = False
+    for step, log in enumerate(logs):
+        mine = [(r, n) for s, r, n in rounds if s == step]
+        assert log["dynamic_sampling/rounds"] == len(mine)
+        rows = [x for r, _ in mine for x in r]
+        assert log["reward"] == pytest.approx(sum(rows) / len(rows))
+        assert log["completions/max_length"] == max(x for _, n in mine for x in n)
+        assert log["completions/min_length"] == min(x for _, n in mine for x in n)
+        unweighted = sum(sum(r) / len(r) for r, _ in mine) / len(mine)
+        differs |= abs(unweighted - sum(rows) / len(rows)) > 1e-6
+    assert differs, "no step had rounds of different sizes and means: the test shows nothing"
+
+
+def test_step_clock_waits_for_the_accelerator_at_every_boundary(monkeypatch):
+    events: list[str] = []
+    ticks = iter(range(100))
+    monkeypatch.setattr(
+        "grpo_extensions.time.perf_counter", lambda: events.append("read") or float(next(ticks))
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    clock = StepClock()
+    with clock.section("train"):
+        with clock.section("generation"):
+            pass
+    # Queued kernels finish before each reading, so they count for the section that queued them.
+    assert events == ["sync", "read"] * 4
+    assert dict(clock.totals) == {"generation": 1.0, "train": 2.0}
+
+
+def test_train_time_covers_gradient_clipping_and_the_optimizer_step(
+    clean_env, tokenizer, monkeypatch
+):
+    cfg = _cfg()
+    trainer = T.build_trainer(
+        cfg, T.build_smoke_model(tokenizer, 0), tokenizer, _prompts(tokenizer), [_odd_rows_vary]
+    )
+    now = [0.0]  # wall time stands still except where a step below advances it
+    monkeypatch.setattr("grpo_extensions.time.perf_counter", lambda: now[0])
+    clip = trainer._clip_grad_norm
+
+    def slow_clip(model):
+        now[0] += 100.0
+        return clip(model)
+
+    class SlowOptimizer(TrainerCallback):  # in the optimizer step: between these two hooks
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            now[0] += 10.0
+
+    trainer._clip_grad_norm = slow_clip
+    trainer.add_callback(SlowOptimizer())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == cfg.total_steps
+    assert all(h["time/train"] == 110.0 and h["time/step"] == 110.0 for h in logs), logs
