@@ -39,7 +39,9 @@ weights the generation engine holds.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -164,6 +166,29 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards = rewards  # every process's rows, for the dynamic-sampling filter
         return rewards
+
+    # --- resume: the refill stream continues where the checkpoint left it ----------------------
+    def _refill_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"refill_state_{self.accelerator.process_index}.json")
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = f"checkpoint-{self.state.global_step}"
+        path = self._refill_state_path(os.path.join(self._get_output_dir(trial=trial), folder))
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a process may get here before rank 0
+        version, state, gauss = self._refill_rng.getstate()
+        with open(path, "w") as fh:
+            json.dump({"rng": [version, list(state), gauss], "order": self._refill_order}, fh)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not os.path.isfile(self._refill_state_path(checkpoint)):
+            return  # a checkpoint from before this file existed: the stream starts afresh
+        with open(self._refill_state_path(checkpoint)) as fh:
+            saved = json.load(fh)
+        version, state, gauss = saved["rng"]
+        self._refill_rng.setstate((version, tuple(state), gauss))
+        self._refill_order = saved["order"]
 
     # --- dynamic sampling ---------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
