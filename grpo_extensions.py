@@ -167,6 +167,37 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         self._last_rewards = rewards  # every process's rows, for the dynamic-sampling filter
         return rewards
 
+    # --- final model in another dtype -----------------------------------------------------------
+    def save_final(self, output_dir: str, dtype: torch.dtype | None = None) -> None:
+        """save_model, with the floating-point weights cast to `dtype` when given (the compute
+        dtype: bf16 halves the fp32 master weights' size on disk)."""
+        self._final_dtype = dtype
+        try:
+            self.save_model(output_dir)
+        finally:
+            self._final_dtype = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        dtype = getattr(self, "_final_dtype", None)
+        if dtype is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        state = model.state_dict() if state_dict is None else state_dict
+        cast: dict[tuple, torch.Tensor] = {}  # tied weights (embeddings) stay one tensor
+        state = {
+            k: cast.setdefault((v.data_ptr(), v.shape), v.to(dtype)) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+        super()._save(output_dir, state)
+        # save_pretrained writes the dtype of the live (fp32) model; vLLM's dtype "auto" reads it.
+        path = os.path.join(output_dir or self.args.output_dir, "config.json")
+        if os.path.isfile(path):  # a LoRA adapter has none
+            with open(path) as fh:
+                config = json.load(fh)
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            with open(path, "w") as fh:
+                json.dump(config, fh, indent=2)
+
     # --- resume: the refill stream continues where the checkpoint left it ----------------------
     def _refill_state_path(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, f"refill_state_{self.accelerator.process_index}.json")
