@@ -873,6 +873,18 @@ def split_batch(cfg: Config, world: int) -> tuple[int, int]:
             f"split evenly over {world} trainer processes; make it a multiple of {world}{hint}"
         )
     per_process = total // world
+    n = cfg.num_generations
+    if cfg.dynamic_sampling and per_process % n:
+        # The smallest grad_accum_steps at or above the configured one that gives whole groups.
+        step = world * n // math.gcd(cfg.batch_size, world * n)
+        accum = -(-cfg.grad_accum_steps // step) * step
+        raise ConfigError(
+            f"dynamic_sampling: each of the {world} trainer processes gets {per_process} of the "
+            f"{total} completions per step, not whole groups of num_generations={n} (dynamic "
+            "sampling keeps or drops whole groups on each process); make batch_size * "
+            f"grad_accum_steps a multiple of num_generations x processes = {world * n} "
+            f"(e.g. --grad-accum-steps {accum}), or drop --dynamic-sampling"
+        )
     micro = math.gcd(per_process, cfg.batch_size)  # never more than batch_size in memory at once
     return micro, per_process // micro
 
