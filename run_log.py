@@ -17,6 +17,13 @@ def history_entry(record: dict) -> dict:
     return {"step": record["step"], **record["summary"], **{k: record[k] for k in keep}}
 
 
+def eval_history(output_dir: str, upto: int) -> list[dict]:
+    """The evaluations a resumed run made up to its checkpoint's step, from eval/step_*.json
+    (those past it are redone, and overwritten, by the resumed run)."""
+    records = [json.loads(p.read_text()) for p in (Path(output_dir) / "eval").glob("step_*.json")]
+    return [history_entry(r) for r in sorted(records, key=lambda r: r["step"]) if r["step"] <= upto]
+
+
 def print_table(history: list[dict]) -> None:
     """Evaluations, one line each, headline metrics with their 95 % intervals; the problems
     column says whether the eval ran on the whole eval set (all) or the eval_subsample."""

@@ -59,7 +59,7 @@ from get_smollm2 import GetModelError, get_smollm2
 from grader_pools import close_graders, math_pool, sandbox
 from models import build_smoke_model, pretrained_model, tokenizer_from
 from modes import replot, report_gold, score_file, write_eval_only
-from run_log import history_entry, plot_metrics, print_table
+from run_log import eval_history, history_entry, plot_metrics, print_table
 from startup import (
     check_hub,
     check_paths,
@@ -149,6 +149,9 @@ class Config:
     output_dir: str = ""  # "" = outputs/<run_name>
     run_name: str = ""  # "" = <dataset>-<model name>
     save_steps: int = 50  # 0 = no checkpoints, only the final model
+    save_total_limit: int = 1  # checkpoints kept, the newest (18.5 GB each at 1.5B); 0 = all
+    final_compute_dtype: bool = False  # final/ in the compute dtype (bf16: half of fp32's size)
+    ddp_timeout: int = 10800  # seconds a process waits in a collective (others' evaluations too)
     logging_steps: int = 1
     report_to: str = "tensorboard"  # wandb | tensorboard | none
     # --- what to run ---
@@ -323,6 +326,8 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
     need(cfg.save_steps >= 0, "save_steps: must be >= 0 (0 = no checkpoints)")
+    need(cfg.save_total_limit >= 0, "save_total_limit: must be >= 0 (0 = keep every checkpoint)")
+    need(cfg.ddp_timeout >= 1, "ddp_timeout: must be >= 1 (seconds)")
     need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
     torch_threads(cfg.cpu_threads)  # a bad OMP_NUM_THREADS is a config error too
     need(cfg.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds: must be >= 1")
@@ -933,6 +938,10 @@ def grpo_config(cfg: Config, weights: list[float] | None = None):
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit or None,
+        # Every other process waits in a collective while the main one evaluates, and a full
+        # evaluation can outlast the 30-minute default, which would kill the run.
+        ddp_timeout=cfg.ddp_timeout,
         logging_steps=cfg.logging_steps,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         use_cpu=not torch.cuda.is_available(),
@@ -1062,22 +1071,31 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
             "(or --eval-samples 0)"
         )
     resume_from = last_checkpoint(cfg.output_dir) if cfg.resume else None  # check_paths: exists
+    history: list[dict] = []
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
+        history = eval_history(cfg.output_dir, int(resume_from.rsplit("-", 1)[1]))
+    # Training arguments before the model: under accelerate's DeepSpeed ZeRO-3 they register the
+    # DeepSpeed config (zero3_init_flag), and from_pretrained then loads the model sharded
+    # (deepspeed.zero.Init) instead of whole on every process. Kept alive until the trainer has
+    # its own: transformers holds that config by a weak reference.
+    early_args = grpo_config(cfg)
     model = load_model(cfg, tokenizer)
-    history: list[dict] = []
     callbacks = [LogCallback(cfg.output_dir)]  # first: the baseline eval follows train_begin
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
     funcs, weights = training_rewards(cfg, task, stop_token_ids(model, tokenizer))
     trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
+    del early_args
     for cb in callbacks:
         cb.trainer = trainer
     if trainer.accelerator.is_main_process:
         print_run_summary(trainer.args, next(model.parameters()).dtype)
     start = time.time()
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(Path(cfg.output_dir) / "final"))  # every rank: ZeRO-3 gathers shards
+    final_dtype = torch_dtype(cfg) if cfg.final_compute_dtype else None
+    # Every rank: ZeRO-3 gathers shards.
+    trainer.save_final(str(Path(cfg.output_dir) / "final"), final_dtype)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(Path(cfg.output_dir) / "final"))
         log = trainer.state.log_history
