@@ -52,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import config_cli  # noqa: E402
 import train_trl_grpo as harness  # noqa: E402
+from grpo_extensions import TIME_KEYS  # noqa: E402
 
 # No .env lookup (it walks up parent directories): this check reads only the repository.
 config_cli.find_dotenv = lambda *a, **k: os.devnull
@@ -294,6 +295,25 @@ def main() -> int:
     trl_comp = [
         h["completions/mean_length"] * cfg.batch_size * cfg.grad_accum_steps for h in logged
     ]
+    # The trainer's own time breakdown (grpo_extensions.StepClock) against this script's
+    # synchronized measurements: on a GPU its sections synchronize too, so the logged generation
+    # time should match the one measured around model.generate, and the parts should add up to
+    # the step.
+    logged_time = {h["step"]: h for h in trainer.state.log_history if "time/step" in h}
+    breakdown = []
+    for r in measured:
+        h = logged_time.get(r["step"], {})
+        parts = sum(h.get(f"time/{k}", 0.0) for k in TIME_KEYS)
+        breakdown.append(
+            {
+                "step": r["step"],
+                **{k: v for k, v in h.items() if k.startswith("time/")},
+                "parts_over_step": parts / h["time/step"] if h.get("time/step") else None,
+                "logged_over_measured_generation": h["time/generation"] / r["generate_s"]
+                if h.get("time/generation") and r["generate_s"]
+                else None,
+            }
+        )
     result = {
         "device": device,
         "torch": torch.__version__,
@@ -329,6 +349,7 @@ def main() -> int:
         "peak_mem_allocated_gib": None if cpu else torch.cuda.max_memory_allocated() / 2**30,
         "peak_mem_reserved_gib": None if cpu else torch.cuda.max_memory_reserved() / 2**30,
         "steps": records,
+        "time_breakdown": breakdown,
     }
     out_json = Path(os.environ["OUT"]) if os.environ.get("OUT") else out_dir
     out_json.mkdir(parents=True, exist_ok=True)
@@ -348,6 +369,19 @@ def main() -> int:
         f"params moved {moved:.2%} (norm weights {norm_moved:.2%}) at lr {cfg.lr:g}",
         flush=True,
     )
+    ratios = [b["parts_over_step"] for b in breakdown if b["parts_over_step"]]
+    gen_ratios = [
+        b["logged_over_measured_generation"]
+        for b in breakdown
+        if b["logged_over_measured_generation"]
+    ]
+    if ratios and gen_ratios:
+        print(
+            f"time breakdown: parts / time/step {min(ratios):.3f}-{max(ratios):.3f}; logged "
+            f"time/generation / synchronized generate time {min(gen_ratios):.3f}-"
+            f"{max(gen_ratios):.3f} (generation includes tokenizing and decoding: >= 1)",
+            flush=True,
+        )
     if moved < 0.95 or norm_moved < 0.95:
         print(f"FAIL: under 95 % of the parameters moved in bf16 mixed precision at lr {cfg.lr:g}")
         return 1
