@@ -1,8 +1,8 @@
 """Start-up checks: each fails in one line within seconds, before torch, transformers or datasets
 are imported (they take ~10 s) and before anything is loaded. Plumbing, not task logic.
 
-Order in train_trl_grpo.main(): paths, then (server mode) the vLLM server, then the vllm package,
-then the Hugging Face Hub.
+Order: `validate` when the config is resolved (values and combinations that cannot work); then, in
+train_trl_grpo.main(), paths, (server mode) the vLLM server, the vllm package, the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -197,3 +197,90 @@ def check_vllm_package(cfg, training: bool) -> None:
                 "run `uv sync --extra vllm` on a GPU box, or use vLLM's CPU build "
                 "(scripts/vllm_cpu_env.sh), or --vllm-mode none"
             )
+
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
+# transformers' schedulers that need no extra arguments ("constant" would ignore warmup_steps).
+LR_SCHEDULERS = (
+    "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+)  # fmt: skip
+
+
+def validate(cfg, tasks: dict, in_memory_models: tuple[str, ...] = ()) -> None:
+    """Values and combinations that cannot work, each refused in one line (ConfigError) when the
+    config is resolved. `tasks`: train_trl_grpo.TASKS; `in_memory_models`: model ids built in
+    memory (--smoke's), which vLLM cannot load."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.dataset in tasks, f"dataset: {cfg.dataset!r} is not one of {', '.join(tasks)}")
+    need(not cfg.demo or cfg.dataset == "gsm8k", "demo: tuned for --dataset gsm8k only")
+    need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
+    need(
+        not (cfg.model_id in in_memory_models and cfg.vllm_mode == "colocate"),
+        "vllm_mode=colocate: vLLM loads a model directory, and --smoke builds its model in "
+        "memory; save one and pass --model-id DIR, or use --vllm-mode none",
+    )
+    need(
+        cfg.dtype != "fp16",
+        "dtype: fp16 is not supported (fp16 loss scaling is untested here; with fp16 weights the "
+        "first optimizer step fails); use bf16 (Ampere or newer GPU) or fp32",
+    )
+    need(cfg.dtype in ("auto", "bf16", "fp32"), "dtype: auto | bf16 | fp32")
+    need(cfg.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler: one of {' | '.join(LR_SCHEDULERS)}")
+    need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
+    need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
+    need(cfg.loss_type in LOSS_TYPES, f"loss_type: one of {' | '.join(LOSS_TYPES)}")
+    need(cfg.lora_r >= 0 and cfg.eval_samples >= 0, "lora_r and eval_samples must be >= 0")
+    need(cfg.eval_subsample >= 0, "eval_subsample: must be >= 0 (0 = the whole eval set)")
+    need(
+        cfg.eval_split in tasks[cfg.dataset].splits,
+        f"eval_split: {cfg.dataset} has splits "
+        f"{', '.join(tasks[cfg.dataset].splits)}, not {cfg.eval_split!r}",
+    )
+    for name in ("batch_size", "grad_accum_steps", "total_steps", "num_generations"):
+        need(getattr(cfg, name) >= 1, f"{name}: must be >= 1")
+    need(cfg.num_generations >= 2, "num_generations: GRPO needs at least 2 completions per prompt")
+    need(
+        (cfg.batch_size * cfg.grad_accum_steps) % cfg.num_generations == 0,
+        f"num_generations: batch_size * grad_accum_steps = {cfg.batch_size * cfg.grad_accum_steps}"
+        f" is not a multiple of num_generations = {cfg.num_generations}",
+    )
+    need(all(k >= 1 for k in cfg.eval_ks), "eval_ks: each k must be >= 1")
+    if cfg.eval_samples:
+        bad = [k for k in cfg.eval_ks if k > cfg.eval_samples]
+        need(
+            not bad,
+            f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
+        )
+    need(
+        cfg.temperature > 0 or (cfg.eval_only and cfg.temperature == 0),
+        "temperature: must be > 0 to train (at 0 every completion of a GRPO group is the same)",
+    )
+    eval_t = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
+    need(
+        eval_t > 0 or (eval_t == 0 and cfg.eval_samples <= 1),
+        f"eval_temperature: {eval_t} with eval_samples={cfg.eval_samples}: greedy samples are all "
+        "the same; use --eval-samples 1, or --eval-greedy for greedy pass@1 beside sampled pass@k",
+    )
+    need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
+    need(cfg.save_steps >= 0, "save_steps: must be >= 0 (0 = no checkpoints)")
+    need(cfg.save_total_limit >= 0, "save_total_limit: must be >= 0 (0 = keep every checkpoint)")
+    need(cfg.ddp_timeout >= 1, "ddp_timeout: must be >= 1 (seconds)")
+    need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
+    torch_threads(cfg.cpu_threads)  # a bad OMP_NUM_THREADS is a config error too
+    need(cfg.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds: must be >= 1")
+    need(
+        0 <= cfg.overlong_buffer <= cfg.max_completion_length,
+        "overlong_buffer: must be between 0 and max_completion_length",
+    )
+    need(cfg.overlong_penalty >= 0, "overlong_penalty: must be >= 0")
+    need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
+    if cfg.report_to == "wandb":
+        need(
+            bool(os.environ.get("WANDB_API_KEY"))
+            or os.environ.get("WANDB_MODE") in ("offline", "disabled"),
+            "report_to: wandb needs WANDB_API_KEY (or WANDB_MODE=offline) in the env or .env",
+        )

@@ -6,8 +6,8 @@
     uv run train_trl_grpo.py --dataset gsm8k --demo     # CPU, no Hub: real SmolLM2-135M learns
 
 Read it top to bottom; it follows the pipeline:
-    1. Config      - YOURS TO EDIT: every knob (also a --flag and a GRPO_* env variable), the
-                     --smoke and --demo presets, and which combinations are refused
+    1. Config      - YOURS TO EDIT: every knob (also a --flag and a GRPO_* env variable) and the
+                     --smoke and --demo presets (startup.validate refuses bad combinations)
     2. Tasks       - YOURS TO EDIT: prompts and the three datasets; each task owns its gold, its
                      grading, its format rule and its majority-vote key
     3. Data        - splits -> prompts, the one prompt builder
@@ -69,6 +69,7 @@ from startup import (
     last_checkpoint,
     server_url,
     torch_threads,
+    validate,
     world_size,
 )
 
@@ -224,11 +225,6 @@ DEMO = dict(
     report_to="none",
     grader_workers=1,
 )
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
-# transformers' schedulers that need no extra arguments ("constant" would ignore warmup_steps).
-LR_SCHEDULERS = (
-    "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"
-)  # fmt: skip
 
 
 def resolve_config(argv: list[str] | None = None) -> Config:
@@ -255,7 +251,7 @@ def resolve_config(argv: list[str] | None = None) -> Config:
     n = cfg.eval_samples or cfg.num_generations
     ks = cfg.eval_ks or {2**i for i in range(n.bit_length())} | {n}
     cfg.eval_ks = tuple(sorted(set(ks)))
-    validate(cfg)
+    validate(cfg, TASKS, in_memory_models=(SMOKE_MODEL,))
     return cfg
 
 
@@ -267,82 +263,6 @@ def build_parser():
         env_prefix="GRPO_",
         aliases={"--split": "eval_split"},
     )
-
-
-def validate(cfg: Config) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    need(cfg.dataset in TASKS, f"dataset: {cfg.dataset!r} is not one of {', '.join(TASKS)}")
-    need(not cfg.demo or cfg.dataset == "gsm8k", "demo: tuned for --dataset gsm8k only")
-    need(cfg.vllm_mode in ("server", "colocate", "none"), "vllm_mode: server | colocate | none")
-    need(
-        not (cfg.model_id == SMOKE_MODEL and cfg.vllm_mode == "colocate"),
-        "vllm_mode=colocate: vLLM loads a model directory, and --smoke builds its model in "
-        "memory; save one and pass --model-id DIR, or use --vllm-mode none",
-    )
-    need(
-        cfg.dtype != "fp16",
-        "dtype: fp16 is not supported (fp16 loss scaling is untested here; with fp16 weights the "
-        "first optimizer step fails); use bf16 (Ampere or newer GPU) or fp32",
-    )
-    need(cfg.dtype in ("auto", "bf16", "fp32"), "dtype: auto | bf16 | fp32")
-    need(cfg.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler: one of {' | '.join(LR_SCHEDULERS)}")
-    need(cfg.report_to in ("wandb", "tensorboard", "none"), "report_to: wandb | tensorboard | none")
-    need(cfg.mbpp_reward in ("fraction", "all"), "mbpp_reward: fraction | all")
-    need(cfg.loss_type in LOSS_TYPES, f"loss_type: one of {' | '.join(LOSS_TYPES)}")
-    need(cfg.lora_r >= 0 and cfg.eval_samples >= 0, "lora_r and eval_samples must be >= 0")
-    need(cfg.eval_subsample >= 0, "eval_subsample: must be >= 0 (0 = the whole eval set)")
-    need(
-        cfg.eval_split in TASKS[cfg.dataset].splits,
-        f"eval_split: {cfg.dataset} has splits "
-        f"{', '.join(TASKS[cfg.dataset].splits)}, not {cfg.eval_split!r}",
-    )
-    for name in ("batch_size", "grad_accum_steps", "total_steps", "num_generations"):
-        need(getattr(cfg, name) >= 1, f"{name}: must be >= 1")
-    need(cfg.num_generations >= 2, "num_generations: GRPO needs at least 2 completions per prompt")
-    need(
-        (cfg.batch_size * cfg.grad_accum_steps) % cfg.num_generations == 0,
-        f"num_generations: batch_size * grad_accum_steps = {cfg.batch_size * cfg.grad_accum_steps}"
-        f" is not a multiple of num_generations = {cfg.num_generations}",
-    )
-    need(all(k >= 1 for k in cfg.eval_ks), "eval_ks: each k must be >= 1")
-    if cfg.eval_samples:
-        bad = [k for k in cfg.eval_ks if k > cfg.eval_samples]
-        need(
-            not bad,
-            f"eval_ks: k={bad[0]} > eval_samples={cfg.eval_samples} (never clamped)" if bad else "",
-        )
-    need(
-        cfg.temperature > 0 or (cfg.eval_only and cfg.temperature == 0),
-        "temperature: must be > 0 to train (at 0 every completion of a GRPO group is the same)",
-    )
-    eval_t = cfg.temperature if cfg.eval_temperature is None else cfg.eval_temperature
-    need(
-        eval_t > 0 or (eval_t == 0 and cfg.eval_samples <= 1),
-        f"eval_temperature: {eval_t} with eval_samples={cfg.eval_samples}: greedy samples are all "
-        "the same; use --eval-samples 1, or --eval-greedy for greedy pass@1 beside sampled pass@k",
-    )
-    need(cfg.max_completion_length >= 1, "max_completion_length: must be >= 1")
-    need(cfg.save_steps >= 0, "save_steps: must be >= 0 (0 = no checkpoints)")
-    need(cfg.save_total_limit >= 0, "save_total_limit: must be >= 0 (0 = keep every checkpoint)")
-    need(cfg.ddp_timeout >= 1, "ddp_timeout: must be >= 1 (seconds)")
-    need(cfg.cpu_threads >= 0, "cpu_threads: must be >= 0 (0 = from the usable cores)")
-    torch_threads(cfg.cpu_threads)  # a bad OMP_NUM_THREADS is a config error too
-    need(cfg.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds: must be >= 1")
-    need(
-        0 <= cfg.overlong_buffer <= cfg.max_completion_length,
-        "overlong_buffer: must be between 0 and max_completion_length",
-    )
-    need(cfg.overlong_penalty >= 0, "overlong_penalty: must be >= 0")
-    need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
-    if cfg.report_to == "wandb":
-        need(
-            bool(os.environ.get("WANDB_API_KEY"))
-            or os.environ.get("WANDB_MODE") in ("offline", "disabled"),
-            "report_to: wandb needs WANDB_API_KEY (or WANDB_MODE=offline) in the env or .env",
-        )
 
 
 # ==================================================================================================
