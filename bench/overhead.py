@@ -175,6 +175,10 @@ def bare_config(cfg, out_dir: str):
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        # The harness sets every sampling field, as its evaluation requests do; TRL's defaults
+        # are min_p None (off) and repetition_penalty 1.0, so these two change nothing sampled.
+        min_p=0.0,
+        repetition_penalty=1.0,
         beta=cfg.beta,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
