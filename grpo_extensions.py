@@ -382,12 +382,15 @@ def print_run_summary(args, weights_dtype) -> None:
 class LogCallback(TrainerCallback):
     """Every log (training steps, and evaluations through on_log) appended to log.jsonl."""
 
-    def __init__(self, output_dir: str) -> None:
-        self.output_dir = output_dir
+    def __init__(self, output_dir: str, config: dict | None = None) -> None:
+        self.output_dir, self.config = output_dir, config
 
     def on_train_begin(self, args, state, control, **kw):
         if state.is_world_process_zero:  # marks where a resumed run picks up (run_log.read_log)
             append_log(self.output_dir, {"event": "train_begin", "step": state.global_step})
+            wandb = sys.modules.get("wandb")  # TRL's wandb callback gives the run GRPOConfig only
+            if self.config and wandb is not None and wandb.run is not None:
+                wandb.run.config.update({"harness": self.config}, allow_val_change=True)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if state.is_world_process_zero and logs:
@@ -416,6 +419,8 @@ class EvalCallback(TrainerCallback):
             # "eval_" is the prefix the wandb and tensorboard callbacks file under "eval/".
             logs = {f"eval_{k}": v for k, v in record["summary"].items()}
             logs["eval_problems"] = record["problems"]
+            for metric, (lo, hi) in record["ci95"].items():  # the 95 % intervals, as eval files
+                logs[f"eval_{metric}_ci95_lo"], logs[f"eval_{metric}_ci95_hi"] = lo, hi
             # Straight to the report_to loggers; on_log clears should_log, which would drop this
             # step's own training log, so keep it.
             should_log = control.should_log

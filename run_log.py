@@ -70,8 +70,9 @@ def read_log(output_dir: str) -> tuple[list[dict], list[dict]]:
             records.append(rec)
     is_eval = [any(k.startswith("eval_") for k in r) for r in records]
     history = [r for r, e in zip(records, is_eval, strict=True) if not e]
+    # Intervals (eval_<metric>_ci95_lo/hi) stay out: metrics_figure reads them from the eval files.
     evals = [
-        {"step": r["step"], **{k[len("eval_") :]: v for k, v in r.items() if k != "step"}}
+        {"step": r["step"], **{k[5:]: v for k, v in r.items() if k != "step" and "_ci95_" not in k}}
         for r, e in zip(records, is_eval, strict=True)
         if e
     ]

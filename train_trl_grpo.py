@@ -1001,7 +1001,8 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     # its own: transformers holds that config by a weak reference.
     early_args = grpo_config(cfg)
     model = load_model(cfg, tokenizer)
-    callbacks = [LogCallback(cfg.output_dir)]  # first: the baseline eval follows train_begin
+    # First: the baseline evaluation follows train_begin in log.jsonl.
+    callbacks = [LogCallback(cfg.output_dir, dataclasses.asdict(cfg))]
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
     funcs, weights = training_rewards(cfg, task, stop_token_ids(model, tokenizer))

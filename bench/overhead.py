@@ -176,6 +176,10 @@ def bare_config(cfg, out_dir: str):
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        # The harness sets every sampling field, as its evaluation requests do; TRL's defaults
+        # are min_p None (off) and repetition_penalty 1.0, so these two change nothing sampled.
+        min_p=0.0,
+        repetition_penalty=1.0,
         beta=cfg.beta,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
@@ -191,11 +195,12 @@ def bare_config(cfg, out_dir: str):
 
 
 def run_bare(cfg, out_dir: str, timer: StepTimer):
-    import torch
     from datasets import Dataset
     from math_verify import parse, verify
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
     from trl import GRPOTrainer
+
+    from models import build_smoke_model
 
     tok = AutoTokenizer.from_pretrained(str(FIXTURES / "qwen2.5-tokenizer"))
     with (FIXTURES / "gsm8k" / "train.jsonl").open() as fh:
@@ -223,22 +228,8 @@ def run_bare(cfg, out_dir: str, timer: StepTimer):
     def boxed_format(completions, **kwargs):
         return [1.0 if BOXED.search(c) else 0.0 for c in completions]
 
-    torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
+    # The same tiny model --smoke builds (its architecture is not what is measured).
+    model = build_smoke_model(tok, cfg.seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = GRPOTrainer(
         model=model,

@@ -360,8 +360,13 @@ def test_a_run_killed_before_its_first_checkpoint_keeps_its_log(monkeypatch, tmp
     assert all({"reward", "rewards/correctness/mean", "pass@1"} <= set(r) for r in train)
     files = [json.loads((out / "eval" / f"step_{s:05d}.json").read_text()) for s in (0, 2)]
     summaries = [{**f["summary"], "problems": f["problems"]} for f in files]
-    for rec, summary in zip(evals, summaries, strict=True):
-        assert {k[len("eval_") :]: v for k, v in rec.items() if k != "step"} == summary
+    for rec, summary, f in zip(evals, summaries, files, strict=True):
+        assert {k[5:]: v for k, v in rec.items() if k != "step" and "_ci95_" not in k} == summary
+        cis = {k[5:]: v for k, v in rec.items() if "_ci95_" in k}
+        want = {}
+        for m, (lo, hi) in f["ci95"].items():
+            want |= {f"{m}_ci95_lo": lo, f"{m}_ci95_hi": hi}
+        assert cis == want
 
     (out / "metrics.png").unlink(missing_ok=True)
     seen = {}
