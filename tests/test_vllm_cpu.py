@@ -326,6 +326,29 @@ def test_colocate_eval_only_shuts_its_engine_down_cleanly(model_dir, tmp_path):
     assert left == []
 
 
+def _engine_logprobs(llm, ids: list[int]) -> list[float]:
+    """The engine's log-probability of each token of `ids` after the first, given those before."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0]
+
+
+def _hf_logprobs(model, ids: list[int]) -> list[float]:
+    """The same, from transformers (the model's own forward, not TRL's fused head)."""
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits.float()
+    return logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None])[:, 0].tolist()
+
+
+def _gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
 def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeypatch):
     import torch
 
@@ -339,26 +362,28 @@ def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeyp
     tok = ttg.load_tokenizer(cfg)
     train = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, "train"), 16)
     evals = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, cfg.eval_split), 2)
-    probe = evals[0]["prompt"]
-    greedy = {**ttg.sampling_params(cfg), "temperature": 0.0}
+    # A fixed token sequence: the engine's log-probabilities of it say which weights it holds,
+    # where a greedy answer would hinge on near ties between two kernels.
+    probe = tok(evals[0]["prompt"] + " The answer is 42.")["input_ids"]
 
-    # Every evaluation also records the engine's greedy answer to one prompt.
-    seen: dict[int, str] = {}
+    # Every evaluation also records the engine's log-probabilities of the probe.
+    seen: dict[int, list[float]] = {}
     real_evaluate = ttg.evaluate
 
     def recording(cfg_, task_, examples, generate, step, *rest):
-        seen[step] = generate([probe], 1, greedy)[0][0].text
+        seen[step] = _engine_logprobs(callback.trainer.vllm_generation.llm, probe)
         return real_evaluate(cfg_, task_, examples, generate, step, *rest)
 
     monkeypatch.setattr(ttg, "evaluate", recording)
 
     # Longer is better: it varies within a group, so GRPO has a gradient, and it pulls the model
-    # away from the fixture's end-of-sequence bias, so the greedy answer must change.
+    # away from the fixture's end-of-sequence bias.
     def length(completions, **_):
         return [len(c) / 100 for c in completions]
 
     model = ttg.load_model(cfg, tok)
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    initial = _hf_logprobs(model, probe)
     history: list[dict] = []
     callback = ttg.make_eval_callback(cfg, task, evals, tok, history)
     trainer = ttg.build_trainer(cfg, model, tok, train, [length], None, [callback])
@@ -370,13 +395,15 @@ def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeyp
         int(not torch.equal(p.detach(), start[k])) for k, p in trainer.model.named_parameters()
     )
     assert moved == len(start)
-    # The engine answers as the trained model does (transformers), not as the initial one.
-    final = ttg.hf_generate(trainer.model, tok)([probe], 1, greedy)[0][0].text
-    assert seen[2] == final
-    assert seen[0] != final
+    # The engine scores the probe as the trained model does (transformers), not as the initial
+    # one: training moved the log-probabilities by far more than the two kernels disagree.
+    final = _hf_logprobs(trainer.model, probe)
+    shift = _gap(final, initial)
+    assert shift > 0.5, shift
+    assert _gap(seen[0], initial) < shift / 20, (_gap(seen[0], initial), shift)
+    assert _gap(seen[2], final) < shift / 20, (_gap(seen[2], final), shift)
     # ... and it holds those weights still after training: the final eval used them.
-    engine = ttg.vllm_colocate_generate(trainer.vllm_generation.llm, tok)
-    assert engine([probe], 1, greedy)[0][0].text == final
+    assert _gap(_engine_logprobs(trainer.vllm_generation.llm, probe), final) < shift / 20
 
 
 # ------------------------------------------------------------------------------------------------
