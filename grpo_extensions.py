@@ -27,6 +27,14 @@ What the subclass adds:
   (forward, backward, the old/ref log-prob passes and the optimizer), `time/weight_sync`,
   `time/eval`, their window `time/step` (from the step's start to the end of its evaluation;
   checkpoint saving and logging come after it) and `generation/tokens_per_s`.
+* Truncated sampling with vLLM (top_k > 0 or top_p < 1): vLLM reports each sampled token's
+  log-probability after its top-k / top-p truncation, the trainer's are of the whole distribution,
+  so TRL's importance weight old / sampling per token is the mass Z_t the truncation kept, and its
+  product over a sequence (1e-12 .. 1e-5 measured) scaled the loss to nothing (TRL issue #6789).
+  `_generate` adds log Z_t, computed from the trainer's own logits by vLLM's rule, to vLLM's
+  log-probabilities: the weight then compares the two engines on the same truncated distribution,
+  the gap the correction is for. The policy gradient stays that of the untruncated policy, as
+  without the correction. Cost: one extra no-grad forward per generation batch, only then.
 
 The callbacks: `LogCallback` appends every log to output_dir/log.jsonl as it happens;
 `EvalCallback` evaluates at the baseline, every eval_every steps and at the last step, on the
@@ -140,7 +148,39 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         with self.clock.section("generation"):
             out = super()._generate(prompts)
         self._generated_tokens += sum(len(ids) for ids in out[1])  # out[1]: completion_ids
+        if self.use_vllm and out[4] is not None and (self.top_k > 0 or self.top_p < 1):
+            with self.clock.section("train"):  # a log-prob pass, like TRL's old-log-prob one
+                logps = self._untruncated_sampling_logps(out[0], out[1], out[4])
+            out = (*out[:4], logps, *out[5:])
         return out
+
+    # --- truncated sampling: vLLM's log-probs made comparable to the trainer's -------------------
+    def _untruncated_sampling_logps(self, prompt_ids, completion_ids, logprobs):
+        """vLLM's per-token log-probabilities (after top-k / top-p) plus the log of the mass that
+        truncation kept under the current weights: log p(y) = log p_trunc(y) + log Z. Z comes from
+        the trainer's logits, so a token near the cut-off is never sent to -inf by the two engines
+        disagreeing on it; the engines' disagreement elsewhere is left for the correction."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        model, device = self.model, self.accelerator.device
+        fixed = []
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs),
+        ):
+            for prompt, completion, lps in zip(prompt_ids, completion_ids, logprobs, strict=True):
+                if not completion:
+                    fixed.append(lps)
+                    continue
+                ids = torch.tensor([list(prompt) + list(completion)], device=device)
+                with self.accelerator.autocast():
+                    # The positions that predict the completion: the last len+1 but the final one.
+                    logits = model(input_ids=ids, logits_to_keep=len(completion) + 1).logits[0, :-1]
+                log_z = kept_log_mass(logits / self.temperature, self.top_k, self.top_p).tolist()
+                fixed.append(
+                    [None if x is None else x + z for x, z in zip(lps, log_z, strict=True)]
+                )
+        return fixed
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self.clock.section("reward"):
@@ -227,6 +267,27 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         mask = out["completion_mask"] * out.get("tool_mask", 1)
         out["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()  # as TRL counts it
         return out
+
+
+def kept_log_mass(logits: torch.Tensor, top_k: int, top_p: float, chunk: int = 128) -> torch.Tensor:
+    """Per row of `logits` (temperature applied), the log of the probability mass that vLLM's
+    sampler keeps, by its rule (vllm/v1/sample/ops/topk_topp_sampler.py,
+    apply_top_k_top_p_pytorch): top-k keeps the logits >= the k-th largest (ties kept); top-p then
+    drops, smallest first, the tokens whose cumulative probability (after top-k) is <= 1 - p,
+    never the largest. Rows in chunks: a sort over the vocabulary is the peak memory."""
+    out = []
+    for rows in logits.float().split(chunk):
+        total = rows.logsumexp(-1)
+        if 0 < top_k < rows.size(-1):
+            kth = rows.topk(top_k, dim=-1).values[:, -1:]
+            rows = rows.masked_fill(rows < kth, -math.inf)
+        if top_p < 1:
+            ascending = rows.sort(-1).values
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False
+            rows = ascending.masked_fill(drop, -math.inf)
+        out.append(rows.logsumexp(-1) - total)
+    return torch.cat(out) if out else logits.new_zeros(0)
 
 
 def _pad_to(x: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:

@@ -406,6 +406,60 @@ def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeyp
     assert _gap(_engine_logprobs(trainer.vllm_generation.llm, probe), final) < shift / 20
 
 
+@pytest.mark.parametrize(("top_k", "top_p"), [(20, 1.0), (0, 0.9), (20, 0.9), (1, 1.0)])
+def test_kept_log_mass_is_what_vllms_sampler_keeps(engine, top_k, top_p):
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from grpo_extensions import kept_log_mass
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=gen) * torch.tensor([[0.1], [1], [3], [6], [1], [2]])
+    logits[4, :30] = 1.5  # ties across the k-th logit
+    k = torch.full((6,), top_k) if top_k else None
+    p = torch.full((6,), top_p) if top_p < 1 else None
+    kept = apply_top_k_top_p_pytorch(logits.clone(), k, p)
+    want = kept.logsumexp(-1) - logits.logsumexp(-1)
+    assert torch.allclose(kept_log_mass(logits, top_k, top_p, chunk=4), want, atol=1e-5)
+
+
+def _first_step_logs(model_dir: str, tmp_path: Path, *flags: str) -> dict:
+    """One colocate training step on the tiny model; the logged metrics of that step."""
+    cfg = _cfg(
+        model_dir,
+        *["--vllm-mode", "colocate", "--total-steps", "1", "--eval-samples", "0"],
+        *["--max-completion-length", "12", "--output-dir", str(tmp_path), "--save-steps", "0"],
+        *flags,
+    )
+    task = ttg.TASKS[cfg.dataset]
+    tok = ttg.load_tokenizer(cfg)
+    train = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, "train"), 16)
+
+    def length(completions, **_):
+        return [len(c) / 100 for c in completions]
+
+    trainer = ttg.build_trainer(cfg, ttg.load_model(cfg, tok), tok, train, [length], None, [])
+    trainer.train()
+    (logs,) = [
+        h for h in trainer.state.log_history if "sampling/importance_sampling_ratio/min" in h
+    ]
+    return logs
+
+
+@pytest.mark.parametrize(
+    "flags", [(), ("--top-p", "0.9"), ("--top-k", "20")], ids=["default", "top-p", "top-k"]
+)
+def test_truncated_sampling_keeps_the_importance_weights_near_one(model_dir, tmp_path, flags):
+    # vLLM reports log-probabilities after its top-k / top-p truncation; the trainer's own are of
+    # the whole distribution. Uncorrected, each sequence's weight is the product of the mass the
+    # truncation kept at each of its tokens: about (20 / 151k)^12 for top-k 20 on this near-uniform
+    # model, and the loss vanishes with it. Weights are per sequence (TRL's sequence_mask mode).
+    logs = _first_step_logs(model_dir, tmp_path, *flags)
+    isr = "sampling/importance_sampling_ratio/"
+    assert 0.5 <= logs[isr + "min"] <= logs[isr + "max"] <= 2.0, logs
+    assert logs["sampling/sampling_logp_difference/max"] < 0.5, logs
+
+
 # ------------------------------------------------------------------------------------------------
 # Last: Ctrl-C on the launcher that serves
 # ------------------------------------------------------------------------------------------------
