@@ -460,6 +460,60 @@ def test_truncated_sampling_keeps_the_importance_weights_near_one(model_dir, tmp
     assert logs["sampling/sampling_logp_difference/max"] < 0.5, logs
 
 
+def test_colocate_lora_keeps_the_frozen_base_exact(model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(
+        model_dir,
+        *["--vllm-mode", "colocate", "--lora-r", "8", "--dtype", "bf16", "--lr", "0.05"],
+        *["--total-steps", "3", "--eval-samples", "0", "--max-completion-length", "12"],
+        *["--output-dir", str(tmp_path), "--save-steps", "0"],
+    )
+    task = ttg.TASKS[cfg.dataset]
+    tok = ttg.load_tokenizer(cfg)
+    train = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, "train"), 16)
+    probe = tok(train[0]["prompt"] + " The answer is 42.")["input_ids"]
+
+    def length(completions, **_):
+        return [len(c) / 100 for c in completions]
+
+    model = ttg.load_model(cfg, tok)
+    assert next(model.parameters()).dtype == torch.bfloat16  # LoRA's base: the compute dtype
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    initial = _hf_logprobs(model, probe)
+    trainer = ttg.build_trainer(cfg, model, tok, train, [length], None, [])
+    syncs = []
+    sync = trainer.vllm_generation.sync_weights
+    trainer.vllm_generation.sync_weights = lambda: syncs.append(1) or sync()
+    trainer.train()
+
+    assert len(syncs) == 3  # one per step, through TRL's own sync
+    policy = trainer.model.eval()
+    # Every base weight bitwise as loaded ...
+    for name, p in policy.named_parameters():
+        if "lora_" not in name:
+            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(p.detach(), start[base]), name
+    # ... while the policy moved, and the engine holds the merged policy.
+    final = _hf_logprobs(policy, probe)
+    shift = _gap(final, initial)
+    assert shift > 0.5, shift
+    engine = _engine_logprobs(trainer.vllm_generation.llm, probe)
+    assert _gap(engine, final) < shift / 10, (_gap(engine, final), shift)
+    # The saved adapter on the original checkpoint is the trained policy, parameter for parameter
+    # (the trainer's forward runs under autocast, so its logits are not a bitwise reference).
+    trainer.save_model(str(tmp_path / "final"))
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    reloaded = dict(PeftModel.from_pretrained(original, str(tmp_path / "final")).named_parameters())
+    trained = dict(policy.named_parameters())
+    assert sorted(reloaded) == sorted(trained)
+    for name, p in trained.items():
+        assert torch.equal(p.detach(), reloaded[name].detach()), name
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.items())
+
+
 # ------------------------------------------------------------------------------------------------
 # Last: Ctrl-C on the launcher that serves
 # ------------------------------------------------------------------------------------------------
