@@ -375,6 +375,12 @@ def print_run_summary(args, weights_dtype) -> None:
             f"{args.vllm_importance_sampling_clip_max}): corrects the gap between vLLM's and "
             "the trainer's log-probs"
         )
+        if args.top_k > 0 or args.top_p < 1:
+            print(
+                f"truncated sampling (top_k {args.top_k}, top_p {args.top_p}): vLLM's log-probs "
+                "get the log of the mass vLLM's top-k / top-p truncation kept (one extra no-grad "
+                "forward per generation batch), so the weights compare like with like"
+            )
     else:
         print("vLLM importance-sampling correction: off (--vllm-mode none: no vLLM to correct)")
     sys.stdout.flush()
