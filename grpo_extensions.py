@@ -30,6 +30,19 @@ What the subclass adds:
   start to the end of its evaluation; checkpoint saving and logging come after it) and
   `generation/tokens_per_s` (all processes' completion tokens). On a GPU each section boundary
   synchronizes the device, so queued kernels count where they were launched.
+* Truncated sampling with vLLM (top_k > 0 or top_p < 1): vLLM reports each sampled token's
+  log-probability after its top-k / top-p truncation, the trainer's are of the whole distribution,
+  so TRL's importance weight old / sampling per token is the mass Z_t the truncation kept, and its
+  product over a sequence (5e-12 .. 6e-5 on SmolLM2-135M) scaled the loss to nothing (TRL #6789).
+  `_generate` adds log Z_t, computed from the trainer's own logits by vLLM's rule, to vLLM's
+  log-probabilities: the weight then compares the two engines on the same truncated distribution,
+  the gap the correction is for. The policy gradient stays that of the untruncated policy, as
+  without the correction. Cost: one extra no-grad forward per generation batch, only then.
+* LoRA with vLLM: TRL's weight sync merges the adapter into the frozen base in place and unmerges
+  it after (peft's merge_adapter / unmerge_adapter); in bf16 that round trip is not exact, and the
+  base drifted (8 % of its entries changed after 10 syncs, 43 % after 100). `exact_lora_sync`
+  keeps TRL's sync (its names, gathering and transport) but pushes each LoRA layer's merged
+  weight as a new tensor, W + scale * B @ A rounded once, and leaves the base untouched.
 
 The callbacks: `LogCallback` appends every log to output_dir/log.jsonl as it happens;
 `EvalCallback` evaluates at the baseline, every eval_every steps and at the last step, on the
@@ -132,7 +145,8 @@ class _StepTimer(TrainerCallback):
 
 
 class DynamicSamplingGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer with dynamic sampling (off by default) and the per-step time breakdown."""
+    """GRPOTrainer with dynamic sampling (off by default), the per-step time breakdown, vLLM
+    log-probs made comparable under top-k/top-p, and an exact LoRA weight sync."""
 
     def __init__(self, *args, dynamic_sampling: bool = False, max_rounds: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
@@ -152,6 +166,8 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
                     return sync(*a, **k)
 
             self.vllm_generation.sync_weights = timed_sync
+            if hasattr(self.model, "peft_config"):
+                exact_lora_sync(self.vllm_generation)
         self.add_callback(_StepTimer(self))
 
     # --- timing: each override calls TRL's method unchanged -----------------------------------
@@ -159,7 +175,39 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         with self.clock.section("generation"):
             out = super()._generate(prompts)
         self._generated_tokens += sum(len(ids) for ids in out[1])  # out[1]: completion_ids
+        if self.use_vllm and out[4] is not None and (self.top_k > 0 or self.top_p < 1):
+            with self.clock.section("train"):  # a log-prob pass, like TRL's old-log-prob one
+                logps = self._untruncated_sampling_logps(out[0], out[1], out[4])
+            out = (*out[:4], logps, *out[5:])
         return out
+
+    # --- truncated sampling: vLLM's log-probs made comparable to the trainer's -------------------
+    def _untruncated_sampling_logps(self, prompt_ids, completion_ids, logprobs):
+        """vLLM's per-token log-probabilities (after top-k / top-p) plus the log of the mass that
+        truncation kept under the current weights: log p(y) = log p_trunc(y) + log Z. Z comes from
+        the trainer's logits, so a token near the cut-off is never sent to -inf by the two engines
+        disagreeing on it; the engines' disagreement elsewhere is left for the correction."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        model, device = self.model, self.accelerator.device
+        fixed = []
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs),
+        ):
+            for prompt, completion, lps in zip(prompt_ids, completion_ids, logprobs, strict=True):
+                if not completion:
+                    fixed.append(lps)
+                    continue
+                ids = torch.tensor([list(prompt) + list(completion)], device=device)
+                with self.accelerator.autocast():
+                    # The positions that predict the completion: the last len+1 but the final one.
+                    logits = model(input_ids=ids, logits_to_keep=len(completion) + 1).logits[0, :-1]
+                log_z = kept_log_mass(logits / self.temperature, self.top_k, self.top_p).tolist()
+                fixed.append(
+                    [None if x is None else x + z for x, z in zip(lps, log_z, strict=True)]
+                )
+        return fixed
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self.clock.section("reward"):
@@ -307,6 +355,77 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         return out
 
 
+def exact_lora_sync(vllm_generation) -> None:
+    """Makes TRL's weight sync of a peft LoRA model leave the base weights bitwise as they were
+    (see the module docstring). Plain LoRA on linear layers only, which is what this harness
+    builds; anything else (DoRA and other variants, LoRA biases, embeddings) is refused."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    model = vllm_generation.model
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        if not isinstance(m, Linear) or m.lora_variant or any(m.lora_bias.values()):
+            raise ValueError(
+                f"LoRA with vLLM: {type(m).__name__} layers with variants or biases are not "
+                "supported (plain LoRA on linear layers is)"
+            )
+    trl_iter = vllm_generation._iter_named_params
+
+    def merged(m) -> torch.Tensor:
+        w = m.get_base_layer().weight
+        total = w.float()
+        for name in m.active_adapters:
+            if name in m.lora_A and not m.disable_adapters:
+                total = total + m.get_delta_weight(name).float()
+        return total.to(w.dtype)
+
+    def iter_named_params():
+        # TRL's iterator, with its in-place merge and unmerge turned off: it then yields each
+        # base weight as it is, and that tensor is swapped for the merged one.
+        model.merge_adapter = model.unmerge_adapter = lambda *a, **k: None
+        swapped = set()
+        try:
+            by_storage = None
+            for name, tensor in trl_iter():
+                if by_storage is None:  # here: under TRL's parameter gathering (ZeRO-3)
+                    by_storage = {m.get_base_layer().weight.data_ptr(): m for m in layers}
+                m = by_storage.get(tensor.data_ptr())
+                if m is not None and tensor.shape == m.get_base_layer().weight.shape:
+                    swapped.add(m)
+                    tensor = merged(m)
+                yield name, tensor
+        finally:
+            del model.merge_adapter, model.unmerge_adapter
+        if len(swapped) != len(layers):  # e.g. FSDP's own iteration: never push unmerged weights
+            raise RuntimeError(
+                f"LoRA weight sync: {len(layers) - len(swapped)} of {len(layers)} LoRA layers "
+                "were not found among the weights TRL pushes"
+            )
+
+    vllm_generation._iter_named_params = iter_named_params
+
+
+def kept_log_mass(logits: torch.Tensor, top_k: int, top_p: float, chunk: int = 128) -> torch.Tensor:
+    """Per row of `logits` (temperature applied), the log of the probability mass that vLLM's
+    sampler keeps, by its rule (vllm/v1/sample/ops/topk_topp_sampler.py,
+    apply_top_k_top_p_pytorch): top-k keeps the logits >= the k-th largest (ties kept); top-p then
+    drops, smallest first, the tokens whose cumulative probability (after top-k) is <= 1 - p,
+    never the largest. Rows in chunks: a sort over the vocabulary is the peak memory."""
+    out = []
+    for rows in logits.float().split(chunk):
+        total = rows.logsumexp(-1)
+        if 0 < top_k < rows.size(-1):
+            kth = rows.topk(top_k, dim=-1).values[:, -1:]
+            rows = rows.masked_fill(rows < kth, -math.inf)
+        if top_p < 1:
+            ascending = rows.sort(-1).values
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False
+            rows = ascending.masked_fill(drop, -math.inf)
+        out.append(rows.logsumexp(-1) - total)
+    return torch.cat(out) if out else logits.new_zeros(0)
+
+
 def _pad_to(x: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:
     fill = x.new_full((x.size(0), width - x.size(1)), value)
     return torch.cat([fill, x] if side == "left" else [x, fill], dim=1)
@@ -373,6 +492,12 @@ def print_run_summary(args, weights_dtype) -> None:
             f"{args.vllm_importance_sampling_clip_max}): corrects the gap between vLLM's and "
             "the trainer's log-probs"
         )
+        if args.top_k > 0 or args.top_p < 1:
+            print(
+                f"truncated sampling (top_k {args.top_k}, top_p {args.top_p}): vLLM's log-probs "
+                "get the log of the mass vLLM's top-k / top-p truncation kept (one extra no-grad "
+                "forward per generation batch), so the weights compare like with like"
+            )
     else:
         print("vLLM importance-sampling correction: off (--vllm-mode none: no vLLM to correct)")
     sys.stdout.flush()

@@ -972,8 +972,6 @@ def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> i
 def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex: list[dict]) -> int:
     import torch
 
-    from grpo_extensions import LogCallback, print_run_summary
-
     if cfg.vllm_mode == "server" and not torch.cuda.is_available():
         raise ConfigError(
             "vllm_mode=server training needs a CUDA GPU (TRL pushes weights to the server over "
@@ -990,6 +988,9 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
             "evaluation with several processes needs --vllm-mode server or colocate "
             "(or --eval-samples 0)"
         )
+    # After the refusals: importing TRL prints vLLM version warnings, and a refusal is one line.
+    from grpo_extensions import LogCallback, print_run_summary
+
     resume_from = last_checkpoint(cfg.output_dir) if cfg.resume else None  # check_paths: exists
     history: list[dict] = []
     if resume_from:

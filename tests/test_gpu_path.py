@@ -239,6 +239,19 @@ def test_summary_says_whether_vllm_importance_sampling_is_on(clean_env, capsys, 
     assert "schedule constant_with_warmup" in out
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [((), False), (("--top-k", "20"), True), (("--top-p", "0.9"), True)],
+)
+def test_summary_says_truncated_sampling_log_probs_are_made_comparable(
+    clean_env, capsys, flags, said
+):
+    cfg = T.resolve_config(["--vllm-mode", "colocate", "--output-dir", "o", *flags])
+    print_run_summary(T.grpo_config(cfg), "float32")
+    out = capsys.readouterr().out
+    assert ("the mass vLLM's top-k / top-p truncation kept" in out) is said
+
+
 def test_training_prints_the_summary_and_one_tokenizer(clean_env, capsys):
     out = clean_env / "o"
     args = ["--smoke", "--output-dir", str(out), "--total-steps", "1", "--eval-samples", "0"]

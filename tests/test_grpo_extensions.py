@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 import train_trl_grpo as T
-from grpo_extensions import StepClock
+from grpo_extensions import StepClock, kept_log_mass
 
 N = 4  # completions per prompt in these runs
 
@@ -285,3 +285,30 @@ def test_train_time_covers_gradient_clipping_and_the_optimizer_step(
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == cfg.total_steps
     assert all(h["time/train"] == 110.0 and h["time/step"] == 110.0 for h in logs), logs
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "kept"),
+    [
+        (0, 1.0, 1.0),  # no truncation
+        (0, 0.9, 0.95),  # drops 0.05: the cumulative mass from below stays <= 0.1 only there
+        (0, 0.75, 0.8),  # drops 0.05 and 0.15 (cumulative 0.2 <= 0.25)
+        (2, 1.0, 0.8),
+        (3, 0.9, 0.95),  # after top-k the smallest left is 0.15 / 0.95 > 0.1: nothing more goes
+        (1, 0.5, 0.5),
+        (10, 1.0, 1.0),  # k beyond the vocabulary keeps everything
+    ],
+)
+def test_kept_log_mass_follows_the_samplers_rule(top_k, top_p, kept):
+    logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log().repeat(3, 1) + torch.tensor(
+        [[0], [2], [-7]]
+    )
+    got = kept_log_mass(logits / 1.0, top_k, top_p, chunk=2)
+    assert got.shape == (3,)
+    assert torch.allclose(got, torch.full((3,), kept).log(), atol=1e-6)
+
+
+def test_kept_log_mass_keeps_ties_at_the_kth_logit():
+    got = kept_log_mass(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 2, 1.0)
+    e = torch.tensor(1.0).exp()
+    assert torch.allclose(got, (3 * e / (3 * e + 1)).log())

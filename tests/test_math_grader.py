@@ -28,8 +28,9 @@ from math_grader import (  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TIMEOUT = 1.0
-# Scheduling noise on a loaded 2-core machine; the deadline itself is TIMEOUT.
-SLACK = 1.0
+# Scheduling noise on a loaded 2-core machine (other test tiers and jobs beside it); the deadline
+# itself is TIMEOUT, and what it stops runs for minutes.
+SLACK = 5.0
 
 
 def _rows(name: str) -> list[dict]:
@@ -39,7 +40,9 @@ def _rows(name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def grader():
-    with MathGrader(workers=2, timeout=TIMEOUT) as g:
+    # These tests check answers, not the deadline (stress_grader's tests do): on a loaded machine a
+    # sympy equivalence can take longer than TIMEOUT, and a timeout would read as a wrong answer.
+    with MathGrader(workers=2, timeout=30.0) as g:
         g.grade([r"\boxed{1}"] * 8, ["1"] * 8, "math")  # workers started and warm
         yield g
 

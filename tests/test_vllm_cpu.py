@@ -326,6 +326,29 @@ def test_colocate_eval_only_shuts_its_engine_down_cleanly(model_dir, tmp_path):
     assert left == []
 
 
+def _engine_logprobs(llm, ids: list[int]) -> list[float]:
+    """The engine's log-probability of each token of `ids` after the first, given those before."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0]
+
+
+def _hf_logprobs(model, ids: list[int]) -> list[float]:
+    """The same, from transformers (the model's own forward, not TRL's fused head)."""
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits.float()
+    return logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None])[:, 0].tolist()
+
+
+def _gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
 def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeypatch):
     import torch
 
@@ -339,26 +362,28 @@ def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeyp
     tok = ttg.load_tokenizer(cfg)
     train = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, "train"), 16)
     evals = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, cfg.eval_split), 2)
-    probe = evals[0]["prompt"]
-    greedy = {**ttg.sampling_params(cfg), "temperature": 0.0}
+    # A fixed token sequence: the engine's log-probabilities of it say which weights it holds,
+    # where a greedy answer would hinge on near ties between two kernels.
+    probe = tok(evals[0]["prompt"] + " The answer is 42.")["input_ids"]
 
-    # Every evaluation also records the engine's greedy answer to one prompt.
-    seen: dict[int, str] = {}
+    # Every evaluation also records the engine's log-probabilities of the probe.
+    seen: dict[int, list[float]] = {}
     real_evaluate = ttg.evaluate
 
     def recording(cfg_, task_, examples, generate, step, *rest):
-        seen[step] = generate([probe], 1, greedy)[0][0].text
+        seen[step] = _engine_logprobs(callback.trainer.vllm_generation.llm, probe)
         return real_evaluate(cfg_, task_, examples, generate, step, *rest)
 
     monkeypatch.setattr(ttg, "evaluate", recording)
 
     # Longer is better: it varies within a group, so GRPO has a gradient, and it pulls the model
-    # away from the fixture's end-of-sequence bias, so the greedy answer must change.
+    # away from the fixture's end-of-sequence bias.
     def length(completions, **_):
         return [len(c) / 100 for c in completions]
 
     model = ttg.load_model(cfg, tok)
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    initial = _hf_logprobs(model, probe)
     history: list[dict] = []
     callback = ttg.make_eval_callback(cfg, task, evals, tok, history)
     trainer = ttg.build_trainer(cfg, model, tok, train, [length], None, [callback])
@@ -370,13 +395,123 @@ def test_colocate_training_moves_the_engine_weights(model_dir, tmp_path, monkeyp
         int(not torch.equal(p.detach(), start[k])) for k, p in trainer.model.named_parameters()
     )
     assert moved == len(start)
-    # The engine answers as the trained model does (transformers), not as the initial one.
-    final = ttg.hf_generate(trainer.model, tok)([probe], 1, greedy)[0][0].text
-    assert seen[2] == final
-    assert seen[0] != final
+    # The engine scores the probe as the trained model does (transformers), not as the initial
+    # one: training moved the log-probabilities by far more than the two kernels disagree.
+    final = _hf_logprobs(trainer.model, probe)
+    shift = _gap(final, initial)
+    assert shift > 0.5, shift
+    assert _gap(seen[0], initial) < shift / 20, (_gap(seen[0], initial), shift)
+    assert _gap(seen[2], final) < shift / 20, (_gap(seen[2], final), shift)
     # ... and it holds those weights still after training: the final eval used them.
-    engine = ttg.vllm_colocate_generate(trainer.vllm_generation.llm, tok)
-    assert engine([probe], 1, greedy)[0][0].text == final
+    assert _gap(_engine_logprobs(trainer.vllm_generation.llm, probe), final) < shift / 20
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(20, 1.0), (0, 0.9), (20, 0.9), (1, 1.0)])
+def test_kept_log_mass_is_what_vllms_sampler_keeps(engine, top_k, top_p):
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from grpo_extensions import kept_log_mass
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=gen) * torch.tensor([[0.1], [1], [3], [6], [1], [2]])
+    logits[4, :30] = 1.5  # ties across the k-th logit
+    k = torch.full((6,), top_k) if top_k else None
+    p = torch.full((6,), top_p) if top_p < 1 else None
+    kept = apply_top_k_top_p_pytorch(logits.clone(), k, p)
+    want = kept.logsumexp(-1) - logits.logsumexp(-1)
+    assert torch.allclose(kept_log_mass(logits, top_k, top_p, chunk=4), want, atol=1e-5)
+
+
+def _first_step_logs(model_dir: str, tmp_path: Path, *flags: str) -> dict:
+    """One colocate training step on the tiny model; the logged metrics of that step."""
+    cfg = _cfg(
+        model_dir,
+        *["--vllm-mode", "colocate", "--total-steps", "1", "--eval-samples", "0"],
+        *["--max-completion-length", "12", "--output-dir", str(tmp_path), "--save-steps", "0"],
+        *flags,
+    )
+    task = ttg.TASKS[cfg.dataset]
+    tok = ttg.load_tokenizer(cfg)
+    train = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, "train"), 16)
+
+    def length(completions, **_):
+        return [len(c) / 100 for c in completions]
+
+    trainer = ttg.build_trainer(cfg, ttg.load_model(cfg, tok), tok, train, [length], None, [])
+    trainer.train()
+    (logs,) = [
+        h for h in trainer.state.log_history if "sampling/importance_sampling_ratio/min" in h
+    ]
+    return logs
+
+
+@pytest.mark.parametrize(
+    "flags", [(), ("--top-p", "0.9"), ("--top-k", "20")], ids=["default", "top-p", "top-k"]
+)
+def test_truncated_sampling_keeps_the_importance_weights_near_one(model_dir, tmp_path, flags):
+    # vLLM reports log-probabilities after its top-k / top-p truncation; the trainer's own are of
+    # the whole distribution. Uncorrected, each sequence's weight is the product of the mass the
+    # truncation kept at each of its tokens: about (20 / 151k)^12 for top-k 20 on this near-uniform
+    # model, and the loss vanishes with it. Weights are per sequence (TRL's sequence_mask mode).
+    logs = _first_step_logs(model_dir, tmp_path, *flags)
+    isr = "sampling/importance_sampling_ratio/"
+    assert 0.5 <= logs[isr + "min"] <= logs[isr + "max"] <= 2.0, logs
+    assert logs["sampling/sampling_logp_difference/max"] < 0.5, logs
+
+
+def test_colocate_lora_keeps_the_frozen_base_exact(model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(
+        model_dir,
+        *["--vllm-mode", "colocate", "--lora-r", "8", "--dtype", "bf16", "--lr", "0.05"],
+        *["--total-steps", "3", "--eval-samples", "0", "--max-completion-length", "12"],
+        *["--output-dir", str(tmp_path), "--save-steps", "0"],
+    )
+    task = ttg.TASKS[cfg.dataset]
+    tok = ttg.load_tokenizer(cfg)
+    train = ttg.to_examples(cfg, task, tok, ttg.load_rows(cfg, task, "train"), 16)
+    probe = tok(train[0]["prompt"] + " The answer is 42.")["input_ids"]
+
+    def length(completions, **_):
+        return [len(c) / 100 for c in completions]
+
+    model = ttg.load_model(cfg, tok)
+    assert next(model.parameters()).dtype == torch.bfloat16  # LoRA's base: the compute dtype
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    initial = _hf_logprobs(model, probe)
+    trainer = ttg.build_trainer(cfg, model, tok, train, [length], None, [])
+    syncs = []
+    sync = trainer.vllm_generation.sync_weights
+    trainer.vllm_generation.sync_weights = lambda: syncs.append(1) or sync()
+    trainer.train()
+
+    assert len(syncs) == 3  # one per step, through TRL's own sync
+    policy = trainer.model.eval()
+    # Every base weight bitwise as loaded ...
+    for name, p in policy.named_parameters():
+        if "lora_" not in name:
+            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(p.detach(), start[base]), name
+    # ... while the policy moved, and the engine holds the merged policy.
+    final = _hf_logprobs(policy, probe)
+    shift = _gap(final, initial)
+    assert shift > 0.5, shift
+    engine = _engine_logprobs(trainer.vllm_generation.llm, probe)
+    assert _gap(engine, final) < shift / 10, (_gap(engine, final), shift)
+    # The saved adapter on the original checkpoint is the trained policy, parameter for parameter
+    # (the trainer's forward runs under autocast, so its logits are not a bitwise reference).
+    trainer.save_model(str(tmp_path / "final"))
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    reloaded = dict(PeftModel.from_pretrained(original, str(tmp_path / "final")).named_parameters())
+    trained = dict(policy.named_parameters())
+    assert sorted(reloaded) == sorted(trained)
+    for name, p in trained.items():
+        assert torch.equal(p.detach(), reloaded[name].detach()), name
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.items())
 
 
 # ------------------------------------------------------------------------------------------------
