@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import eval_stats  # noqa: E402
 import math_grader as mg  # noqa: E402
 import train_trl_grpo as T  # noqa: E402
 
@@ -200,7 +201,7 @@ def test_math_format_reward_and_vote_return_for_any_text(texts: list[str], name:
     assert len(scores) == len(texts) and set(scores) <= {0.0, 1.0}
     keys = [bounded(mg.extract_answer, t, name) for t in texts]
     keys = [None if k is None else bounded(mg.normalize_answer, k, name) for k in keys]
-    assert isinstance(bounded(T.majority_correct, keys, [False] * len(keys)), bool)
+    assert isinstance(bounded(eval_stats.majority_correct, keys, [False] * len(keys)), bool)
 
 
 @FUZZ
