@@ -1,0 +1,331 @@
+"""Run guards (run_guards.py): the stall watchdog in real processes, and each learning-health check
+on plain numbers or a tiny torch module, written as the failure it must catch."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+import run_guards as G
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ==================================================================================================
+# Watchdog
+# ==================================================================================================
+def run_py(code: str, tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "RUN_DIR": str(tmp_path)},
+    )
+
+
+def test_watchdog_ends_a_process_blocked_in_c_and_names_the_call(tmp_path):
+    # The main thread blocks in a socket read (C, GIL released) on a listener that never answers.
+    t0 = time.monotonic()
+    r = run_py(
+        """
+        import os, socket, run_guards as G
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+        c = socket.create_connection(srv.getsockname())
+        G.start_watchdog(1.0, os.environ["RUN_DIR"], rank=0, step=lambda: 7)
+        G.beat("evaluation request answered")
+        with G.waiting_on("POST http://127.0.0.1:9/v1/completions"):
+            c.recv(1)
+        print("NOT REACHED")
+        """,
+        tmp_path,
+    )
+    assert time.monotonic() - t0 < 30  # fires at 1 s; generous bound for a busy machine
+    assert r.returncode == G.EXIT_STALL, r.stderr
+    assert "NOT REACHED" not in r.stdout
+    lines = [x for x in r.stderr.splitlines() if x.startswith("stalled:")]
+    assert len(lines) == 1, r.stderr
+    line = lines[0]
+    assert "training step 7" in line and "rank 0" in line
+    assert "stuck in: POST http://127.0.0.1:9/v1/completions" in line
+    assert "last progress: evaluation request answered" in line
+    assert "vLLM server is alive" in line  # what to check
+    stacks = (tmp_path / "stall_stacks.rank0.txt").read_text()
+    assert stacks.startswith("stalled:")
+    assert "c.recv(1)" in stacks or "line 8" in stacks  # the main thread's frame
+    assert "stall-watchdog" in stacks or "Thread 0x" in stacks
+
+
+def test_watchdog_backstop_fires_when_c_code_holds_the_gil(tmp_path):
+    # libc sleep() through PyDLL keeps the GIL: the monitor thread cannot run, faulthandler's C
+    # timer still dumps the stacks and exits.
+    r = run_py(
+        """
+        import ctypes, os, run_guards as G
+        wd = G.Watchdog(1.0, os.environ["RUN_DIR"], poll=0.1, backstop_grace=1.0).start()
+        import time; time.sleep(0.5)  # let the monitor arm the backstop
+        ctypes.PyDLL(None).sleep(120)
+        print("NOT REACHED")
+        """,
+        tmp_path,
+    )
+    assert r.returncode != 0
+    assert "NOT REACHED" not in r.stdout
+    stacks = (tmp_path / "stall_stacks.rank0.txt").read_text()
+    assert "Timeout" in stacks and "File" in stacks
+
+
+def test_watchdog_stays_quiet_while_progress_is_made(tmp_path):
+    r = run_py(
+        """
+        import os, time, run_guards as G
+        G.start_watchdog(5.0, os.environ["RUN_DIR"])
+        for i in range(30):
+            with G.waiting_on("work"):
+                time.sleep(0.1)
+            G.beat(f"step {i}")
+        G.stop_watchdog()
+        print("finished")
+        """,
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "finished"
+    assert not list(tmp_path.iterdir())  # the unused backstop file is removed on close
+
+
+def test_module_functions_are_no_ops_without_a_watchdog():
+    G.stop_watchdog()
+    G.beat("anything")
+    with G.waiting_on("anything"):
+        pass
+
+
+def test_stuck_on_lists_the_calls_in_progress(tmp_path):
+    wd = G.Watchdog(100, tmp_path)
+    with wd.waiting_on("collective all_gather"), wd.waiting_on("POST http://h:1/generate/"):
+        assert wd.stuck_on() == "collective all_gather; POST http://h:1/generate/"
+    assert wd.stuck_on() == ""
+
+
+# ==================================================================================================
+# Checks on plain numbers
+# ==================================================================================================
+def step(**kw) -> dict:
+    base = {"reward": 0.5, "reward_std": 0.3, "frac_reward_zero_std": 0.25, "loss": 0.1}
+    return {**base, **kw}
+
+
+def test_no_signal_trips_after_k_steps_of_equal_rewards_and_says_all_zero():
+    flat = step(
+        reward=0.0,
+        reward_std=0.0,
+        frac_reward_zero_std=1.0,
+        **{"rewards/correctness/mean": 0.0, "rewards/format/mean": 0.0},
+    )
+    assert G.check_no_signal([step(), flat, flat], k=3) is None  # only two in a row
+    msg = G.check_no_signal([step(), flat, flat, flat], k=3)
+    assert msg.startswith("no learning signal") and "all 0" in msg
+    assert "correctness 0" in msg and "format 0" in msg
+
+
+def test_no_signal_at_the_maximum_and_in_between():
+    top = step(reward=1.1, reward_std=0.0, frac_reward_zero_std=1.0)
+    assert "all at the maximum 1.1" in G.check_no_signal([top] * 3, 3, max_reward=1.1)
+    mixed = step(reward=0.4, reward_std=0.5, frac_reward_zero_std=1.0)
+    assert "equal within each group" in G.check_no_signal([mixed] * 3, 3, max_reward=1.1)
+
+
+def test_importance_weights_out_of_range():
+    key = "sampling/importance_sampling_ratio/mean"
+    assert G.check_importance([step(**{key: 1.02})]) is None
+    assert G.check_importance([step()]) is None  # not logged (no vLLM): nothing to say
+    assert "out of range" in G.check_importance([step(**{key: 0.3})])
+    assert "2.5" in G.check_importance([step(**{key: 2.5})])
+
+
+def test_truncated_for_k_steps():
+    cut = step(**{"completions/clipped_ratio": 1.0})
+    assert G.check_truncated([cut, cut], 3) is None
+    assert G.check_truncated([cut, step(), cut, cut], 3) is None
+    assert "max_completion_length" in G.check_truncated([cut] * 3, 3)
+
+
+def test_non_finite():
+    assert G.non_finite({"loss": 0.1, "grad_norm": 3.0}) == []
+    assert G.non_finite({"loss": math.nan, "grad_norm": math.inf}) == ["loss=nan", "grad_norm=inf"]
+
+
+def test_weights_moved():
+    before = {"a": [1.0, 2.0], "b": [3.0], "frozen": [5.0]}
+    moved = {"a": [1.5, 2.0], "b": [3.0], "frozen": [5.0]}
+    assert G.check_weights_moved(before, moved, ["a", "b"]) == (None, None)
+    still, _ = G.check_weights_moved(before, dict(before), ["a", "b"])
+    assert still.startswith("weights not moving")
+    _, frozen = G.check_weights_moved(before, {**moved, "frozen": [5.5]}, ["a", "b"])
+    assert frozen.startswith("frozen tensors changed: frozen")
+
+
+def test_engine_following():
+    assert G.check_engine_following([-1.0, -2.0], [-1.01, -2.02]) is None
+    msg = G.check_engine_following([-1.0, -2.0], [-3.0, -0.5])
+    assert msg.startswith("engine not following") and "1.75" in msg
+    assert "no usable" in G.check_engine_following([math.nan], [-1.0])
+
+
+def test_prompt_logprob_values_reads_both_shapes():
+    ids = [5, 6, 7]
+    http = [
+        None,
+        {"6": {"logprob": -0.5, "rank": 1}},
+        {"9": {"logprob": -0.1}, "7": {"logprob": -2}},
+    ]
+    assert G._prompt_logprob_values(http, ids) == [-0.5, -2.0]
+    obj = types.SimpleNamespace
+    local = [None, {6: obj(logprob=-0.25)}, {7: obj(logprob=-1.5)}]
+    assert G._prompt_logprob_values(local, ids) == [-0.25, -1.5]
+
+
+# ==================================================================================================
+# The callback, fed as the Trainer feeds it
+# ==================================================================================================
+torch = pytest.importorskip("torch")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+        self.layers[0].requires_grad_(False)  # a frozen part, as a LoRA base is
+
+
+def fake(step_no: int = 1):
+    from transformers import TrainerControl
+
+    return types.SimpleNamespace(global_step=step_no), TrainerControl()
+
+
+def optimizer_with_lr(lr: float):
+    return types.SimpleNamespace(param_groups=[{"lr": lr}])
+
+
+def drive(mon: G.HealthMonitor, model, steps: list[dict], update=None, lr: float = 1e-3):
+    """on_train_begin, then per step: on_step_begin, the update, on_log. Returns the controls."""
+    state, control = fake(0)
+    mon.on_train_begin(None, state, control, model=model)
+    controls = []
+    for i, logs in enumerate(steps, 1):
+        state, control = fake(i)
+        mon.on_step_begin(None, state, control, optimizer=optimizer_with_lr(lr))
+        if update:
+            update(model)
+        mon.on_log(None, state, control, logs=logs)
+        controls.append(control)
+    return controls
+
+
+def sgd_step(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+
+
+def test_monitor_constant_reward_trips_no_signal_once_and_logs_health_keys():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", max_reward=1.1, printer=lines.append)
+    flat = [step(reward=0.0, reward_std=0.0, frac_reward_zero_std=1.0) for _ in range(5)]
+    controls = drive(mon, Tiny(), flat, update=sgd_step)
+    assert len(lines) == 1 and lines[0].startswith("health: step 3: no learning signal")
+    assert flat[0]["health/no_signal"] == 0.0 and flat[2]["health/no_signal"] == 1.0
+    assert all(f"health/{c}" in flat[4] for c in G.HealthMonitor.CHECKS)
+    assert not any(c.should_training_stop for c in controls)  # warn keeps going
+    assert mon.summary()["tripped"]["no_signal"]["step"] == 3
+
+
+def test_monitor_abort_stops_at_the_first_tripped_check_without_saving():
+    mon = G.HealthMonitor("abort", printer=lambda s: None)
+    flat = [step(frac_reward_zero_std=1.0) for _ in range(3)]
+    controls = drive(mon, Tiny(), flat, update=sgd_step)
+    assert controls[-1].should_training_stop and not controls[-1].should_save
+    assert "no_signal" in mon.stopped
+
+
+def test_monitor_non_finite_stops_even_in_warn():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", printer=lines.append)
+    logs = [step(grad_norm=1.0), step(loss=math.nan, grad_norm=math.inf)]
+    controls = drive(mon, Tiny(), logs, update=sgd_step)
+    assert not controls[0].should_training_stop
+    assert controls[1].should_training_stop and not controls[1].should_save
+    assert lines == [lines[0]] and "step 2: non-finite values: loss=nan, grad_norm=inf" in lines[0]
+    assert "step 2" in mon.stopped
+
+
+def test_monitor_off_checks_nothing():
+    mon = G.HealthMonitor("off", printer=lambda s: pytest.fail(s))
+    logs = [step(loss=math.nan, frac_reward_zero_std=1.0) for _ in range(4)]
+    controls = drive(mon, Tiny(), logs)
+    assert not any(c.should_training_stop for c in controls) and "health/no_signal" not in logs[0]
+
+
+def test_monitor_weights_not_moving():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", printer=lines.append)
+    drive(mon, Tiny(), [step(grad_norm=1.0)], update=None)  # an optimizer that changed nothing
+    assert any("weights not moving" in x for x in lines), lines
+
+
+def test_monitor_waits_for_a_step_with_lr_and_gradient_before_judging():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", printer=lines.append)
+    # A zero gradient (no signal) and a zero learning rate (warm-up) move nothing, rightly.
+    drive(mon, Tiny(), [step(grad_norm=0.0)], update=None)
+    drive(mon, Tiny(), [step(grad_norm=1.0)], update=None, lr=0.0)
+    assert lines == []
+
+
+def test_monitor_frozen_parameter_changed_on_purpose():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", printer=lines.append)
+
+    def step_and_touch_frozen(model):
+        sgd_step(model)
+        with torch.no_grad():
+            model.layers[0].weight.mul_(2.0)
+
+    logs = [step(grad_norm=1.0)]
+    drive(mon, Tiny(), logs, update=step_and_touch_frozen)
+    assert logs[0]["health/frozen_changed"] == 1.0 and logs[0]["health/weights_not_moving"] == 0
+    assert any("frozen tensors changed: layers.0.weight" in x for x in lines), lines
+
+
+def test_monitor_engine_probe_trips_on_stale_engine():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", printer=lines.append)
+    mon.after_sync(lambda: ([-1.0, -2.0], [-1.0, -2.0]))  # a following engine
+    mon.after_sync(lambda: ([-1.0, -2.0], [-4.0, -0.1]))  # stale
+    logs = [step()]
+    drive(mon, Tiny(), logs, update=sgd_step)
+    assert logs[0]["health/engine_not_following"] == 1.0
+    assert lines and "engine not following" in lines[0]
+
+
+def test_sample_params_skips_embeddings_and_spreads():
+    model = torch.nn.ModuleDict(
+        {"embed_tokens": torch.nn.Embedding(10, 4), "lm_head": torch.nn.Linear(4, 10)}
+    )
+    for i in range(20):
+        model[f"l{i}"] = torch.nn.Linear(2, 2)
+    trainable, frozen = G.sample_params(model, tensors=4)
+    names = [n for n, _ in trainable]
+    assert len(names) == 4 and names[0] == "l0.weight" and names[-1] == "l19.bias"
+    assert frozen == []
