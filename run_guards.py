@@ -280,6 +280,18 @@ def non_finite(logs: dict) -> list[str]:
     return bad
 
 
+def non_finite_params(params: list) -> list[str]:
+    """Names of the watched tensors holding a NaN or an infinity (strided sample, like snapshot)."""
+    import torch
+
+    bad = []
+    for name, p in params:
+        flat = p.detach().reshape(-1)
+        if not bool(torch.isfinite(flat[:: max(1, flat.numel() // SNAPSHOT_ELEMENTS)]).all()):
+            bad.append(name)
+    return bad
+
+
 def check_weights_moved(
     before: dict[str, list[float]],
     after: dict[str, list[float]],
@@ -457,6 +469,7 @@ class HealthMonitor(_trainer_callback_base()):
         self._before: dict | None = None
         self._lr = 0.0
         self.stopped: str | None = None  # set when the run must stop; the trainer's caller exits
+        self.pending_fatal: str | None = None
 
     # --- results -------------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -486,6 +499,22 @@ class HealthMonitor(_trainer_callback_base()):
         if optimizer is not None and optimizer.param_groups:
             self._lr = float(optimizer.param_groups[0].get("lr", 0.0))  # the coming step's
 
+    def on_step_end(self, args, state, control, **kw):
+        # An update can overflow the weights while the step's loss and gradient were finite; the
+        # next generation would then crash on NaN probabilities. Caught here, before it runs.
+        if self.mode == "off" or self._watch is None:
+            return
+        bad = non_finite_params(self._watch[0] + self._watch[1])
+        if bad:
+            self.pending_fatal = (
+                f"non-finite values: the weights after this step's update ({', '.join(bad[:3])}"
+                + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                + "); lower the learning rate, check max_grad_norm and the dtype"
+            )
+            self.trip("non_finite", state.global_step, self.pending_fatal, fatal=True)
+            # Stop, and log this step even off the logging_steps grid: on_log drops its checkpoint.
+            control.should_training_stop = control.should_log = True
+
     def _judge_weights(self, step: int, grad_norm) -> None:
         if self._before is None or not self._lr > 0 or not grad_norm:
             return  # no update was asked for: nothing to judge yet
@@ -510,13 +539,17 @@ class HealthMonitor(_trainer_callback_base()):
     # --- the per-step logs ---------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kw):
         if self.mode == "off" or not logs or "reward" not in logs:
+            if self.stopped:  # whatever the log, no checkpoint of a step that stopped the run
+                control.should_save = False
             return  # evaluation logs and the end-of-training summary carry no "reward"
         step = state.global_step
         self.steps.append(dict(logs))
         found = dict(self.pending)
         self.pending.clear()
         bad = non_finite(logs)
-        if bad:
+        if self.pending_fatal:
+            found["non_finite"] = self.pending_fatal
+        elif bad:
             found["non_finite"] = (
                 f"non-finite values: {', '.join(bad)}; lower the learning rate, check "
                 "max_grad_norm and the dtype, and look at the rewards of the steps before"

@@ -4,6 +4,8 @@ on plain numbers or a tiny torch module, written as the failure it must catch.""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -218,7 +220,8 @@ def optimizer_with_lr(lr: float):
 
 
 def drive(mon: G.HealthMonitor, model, steps: list[dict], update=None, lr: float = 1e-3):
-    """on_train_begin, then per step: on_step_begin, the update, on_log. Returns the controls."""
+    """on_train_begin, then per step: on_step_begin, the update, on_step_end, then the Trainer's
+    flow (a save due at every step) and on_log. Returns the controls."""
     state, control = fake(0)
     mon.on_train_begin(None, state, control, model=model)
     controls = []
@@ -227,6 +230,8 @@ def drive(mon: G.HealthMonitor, model, steps: list[dict], update=None, lr: float
         mon.on_step_begin(None, state, control, optimizer=optimizer_with_lr(lr))
         if update:
             update(model)
+        mon.on_step_end(None, state, control)
+        control.should_save = True  # DefaultFlowCallback, after the monitor, on a save step
         mon.on_log(None, state, control, logs=logs)
         controls.append(control)
     return controls
@@ -268,6 +273,26 @@ def test_monitor_non_finite_stops_even_in_warn():
     assert controls[1].should_training_stop and not controls[1].should_save
     assert lines == [lines[0]] and "step 2: non-finite values: loss=nan, grad_norm=inf" in lines[0]
     assert "step 2" in mon.stopped
+
+
+def test_monitor_weights_overflowing_in_an_update_stop_before_the_next_generation():
+    lines: list[str] = []
+    mon = G.HealthMonitor("warn", printer=lines.append)
+
+    def overflow_on_second_step(model, calls=[]):  # noqa: B006 - a counter across calls
+        calls.append(1)
+        sgd_step(model)
+        if len(calls) == 2:
+            with torch.no_grad():
+                model.layers[2].weight.mul_(float("inf"))
+
+    logs = [step(grad_norm=1.0), step(grad_norm=1.0), step(grad_norm=1.0)]
+    controls = drive(mon, Tiny(), logs[:2], update=overflow_on_second_step)
+    assert not controls[0].should_training_stop and controls[0].should_save
+    assert controls[1].should_training_stop and not controls[1].should_save
+    assert logs[1]["health/non_finite"] == 1.0  # the step still reaches the loggers
+    assert len(lines) == 1 and "step 2: non-finite values: the weights" in lines[0]
+    assert "layers.2.weight" in lines[0]
 
 
 def test_monitor_off_checks_nothing():
@@ -329,3 +354,116 @@ def test_sample_params_skips_embeddings_and_spreads():
     names = [n for n, _ in trainable]
     assert len(names) == 4 and names[0] == "l0.weight" and names[-1] == "l19.bias"
     assert frozen == []
+
+
+# ==================================================================================================
+# End to end: the script against a stand-in server that stops answering
+# ==================================================================================================
+class SilentServer:
+    """Answers /health and /v1/models like `trl vllm-serve`, then never answers a completion."""
+
+    def __init__(self, model: str) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        release = self.release = threading.Event()
+        self.completion_requests = 0
+        self.first_request_at: float | None = None
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):
+                body = {"data": [{"id": model}]} if self.path == "/v1/models" else {}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                outer.completion_requests += 1
+                outer.first_request_at = outer.first_request_at or time.monotonic()
+                release.wait()  # the stall: the request is read, never answered
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def silent_server():
+    import train_trl_grpo as T
+
+    server = SilentServer(T.SMOKE_MODEL)
+    yield server
+    server.close()
+
+
+STALL = 8  # seconds: stall_timeout in the end-to-end tests
+
+
+def session_processes(sid: int) -> list[int]:
+    left = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if os.getsid(int(d.name)) == sid and state != "Z":
+                    left.append(int(d.name))
+            except OSError:
+                pass
+    return left
+
+
+def run_own_session(argv: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str, str]:
+    """The script in its own session; returns (status, stdout, stderr) once it and every process
+    it started are gone (a leftover fails the test)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPO_")}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_trl_grpo.py"), *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        deadline = time.monotonic() + 10  # PR_SET_PDEATHSIG'd workers need a moment
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_processes(proc.pid) == [], "processes left behind"
+    finally:
+        if proc.poll() is None or session_processes(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def test_eval_only_against_a_server_that_never_answers_stops_and_names_it(silent_server, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", "gsm8k", "--smoke", "--eval-only", "--vllm-mode", "server"]
+    argv += ["--vllm-port", str(silent_server.port), "--output-dir", str(out)]
+    rc, _, err = run_own_session([*argv, "--stall-timeout", str(STALL)], tmp_path)
+    assert rc == G.EXIT_STALL, err[-3000:]
+    # It reached the server, which then stalled; the run ended within stall_timeout + 30 s of it.
+    assert silent_server.first_request_at is not None
+    assert time.monotonic() - silent_server.first_request_at < STALL + 30
+    lines = [x for x in err.splitlines() if x.startswith("stalled:")]
+    assert len(lines) == 1, err[-3000:]
+    url = f"http://127.0.0.1:{silent_server.port}/v1/completions"
+    assert f"stuck in: POST {url}" in lines[0]
+    assert "vLLM server is alive" in lines[0]
+    stacks = (out / "stall_stacks.rank0.txt").read_text()
+    assert stacks.startswith("stalled:") and "vllm_server_generate" in stacks
