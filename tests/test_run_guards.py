@@ -3,6 +3,7 @@ on plain numbers or a tiny torch module, written as the failure it must catch.""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -466,4 +467,61 @@ def test_eval_only_against_a_server_that_never_answers_stops_and_names_it(silent
     assert f"stuck in: POST {url}" in lines[0]
     assert "vLLM server is alive" in lines[0]
     stacks = (out / "stall_stacks.rank0.txt").read_text()
-    assert stacks.startswith("stalled:") and "vllm_server_generate" in stacks
+    assert stacks.startswith("stalled:")
+    # Every thread: the main one waiting for the answers, a request thread inside the socket read.
+    assert "line" in stacks and " in generate" in stacks and " in request" in stacks
+    assert "socket.py" in stacks
+
+
+# ==================================================================================================
+# End to end: --smoke runs that cannot learn, or blow up
+# ==================================================================================================
+# Small steps: the checks need steps, not long completions.
+FAST = ["--dataset", "gsm8k", "--smoke", "--eval-samples", "0", "--max-completion-length", "8"]
+
+
+def test_smoke_random_model_has_no_learning_signal_and_says_so(tmp_path):
+    # The random model never earns a reward: every group is all 0, the constant-reward failure.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = [*FAST, "--total-steps", "3", "--output-dir", str(out), "--report-to", "tensorboard"]
+    rc, _, err = run_own_session(argv, tmp_path)
+    assert rc == 0, err[-3000:]  # warn: the run goes on
+    lines = [x for x in err.splitlines() if x.startswith("health: ")]
+    no_signal = [x for x in lines if "no learning signal" in x]
+    assert len(no_signal) == 1 and no_signal[0].startswith("health: step 3: ")
+    assert "(all 0; component means: correctness 0, format 0)" in no_signal[0]
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    steps = [x for x in logs if "reward" in x]
+    assert [x["health/no_signal"] for x in steps] == [0.0, 0.0, 1.0]
+    assert all(f"health/{c}" in x for x in steps for c in G.HealthMonitor.CHECKS)
+    health = json.loads((out / "summary.json").read_text())["health"]
+    assert health["mode"] == "warn" and health["tripped"]["no_signal"]["step"] == 3
+    assert len(health["tripped"]) == len(lines)  # one printed line per tripped check
+    (run_dir,) = {p.parent for p in out.glob("runs/**/events.out.tfevents.*")}
+    tags = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
+    assert "train/health/no_signal" in tags, tags
+
+
+def test_overflowing_learning_rate_stops_at_that_step_and_keeps_the_last_checkpoint(tmp_path):
+    # Warm-up makes step 1's learning rate 0 (a good checkpoint-1); step 2's 1e39 overflows fp32.
+    out = tmp_path / "run"
+    argv = [*FAST, "--total-steps", "4", "--output-dir", str(out), "--save-steps", "1"]
+    argv += ["--lr", "1e39", "--warmup-steps", "1"]
+    rc, _, err = run_own_session(argv, tmp_path)
+    assert rc == G.EXIT_HEALTH, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("health: ")]
+    assert len(lines) == 1 and lines[0].startswith("health: step 2: non-finite values"), err[-3000:]
+    assert "error: health: stopped at step 2" in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (out / "final").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "checkpoint-1" / "model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["health"]["tripped"]["non_finite"]["step"] == 2 and summary["steps"] == 2
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    steps = [x for x in logs if "reward" in x]  # the step still reached the loggers
+    assert [(x["step"], x["health/non_finite"]) for x in steps] == [(1, 0.0), (2, 1.0)]
