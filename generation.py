@@ -157,8 +157,12 @@ def vllm_server_generate(
                 for c in chunks
             ]
             try:
-                with run_guards.waiting_on(f"POST {base_url}/v1/completions (evaluation)"):
-                    answers = [f.result() for f in tqdm(futures, desc="eval", leave=False)]
+                # The bar as a context: closed (cleared) before an error's line is printed.
+                with (
+                    run_guards.waiting_on(f"POST {base_url}/v1/completions (evaluation)"),
+                    tqdm(futures, desc="eval", leave=False) as bar,
+                ):
+                    answers = [f.result() for f in bar]
             finally:  # the first failure fails the eval: send nothing more
                 for f in futures:
                     f.cancel()
