@@ -539,7 +539,7 @@ class _HealthChecks:
                 control.should_save = False
             return  # evaluation logs and the end-of-training summary carry no "reward"
         step = state.global_step
-        self.steps.append(dict(logs))
+        self.steps = [*self.steps[-max(self.k, TRUNCATED_STEPS) :], dict(logs)]  # a window
         found = dict(self.pending)
         self.pending.clear()
         bad = non_finite(logs)
