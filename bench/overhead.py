@@ -180,6 +180,7 @@ def bare_config(cfg, out_dir: str):
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        min_p=harness.MIN_P,  # the harness sends 0.0 explicitly; TRL's None means the same
         beta=cfg.beta,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,
