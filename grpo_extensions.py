@@ -28,8 +28,9 @@ What the subclass adds:
   (forward, backward, the old/ref log-prob passes, the NaN check, gradient clipping and the
   optimizer step), `time/weight_sync`, `time/eval`, their window `time/step` (from the step's
   start to the end of its evaluation; checkpoint saving and logging come after it) and
-  `generation/tokens_per_s` (all processes' completion tokens). On a GPU each section boundary
-  synchronizes the device, so queued kernels count where they were launched.
+  `generation/tokens_per_s` (all processes' completion tokens), and `time/health_probe` (the
+  engine-not-following probe, run_guards.py). On a GPU each section boundary synchronizes the
+  device, so queued kernels count where they were launched.
 * Truncated sampling with vLLM (top_k > 0 or top_p < 1): vLLM reports each sampled token's
   log-probability after its top-k / top-p truncation, the trainer's are of the whole distribution,
   so TRL's importance weight old / sampling per token is the mass Z_t the truncation kept, and its
@@ -65,9 +66,10 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+import run_guards
 from run_log import append_log
 
-TIME_KEYS = ("generation", "reward", "train", "weight_sync", "eval")
+TIME_KEYS = ("generation", "reward", "train", "weight_sync", "eval", "health_probe")
 
 
 class StepClock:
@@ -158,22 +160,68 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         # Refill prompts: one seeded stream per process, independent of the trainer's sampler.
         self._refill_rng = random.Random(self.args.seed * 1000 + self.accelerator.process_index)
         self._refill_order: list[int] = []
+        # Run guards (run_guards.py), set by the script after construction: the HealthMonitor,
+        # and the engine probe's token ids and cadence (probe after these syncs only).
+        self.health_monitor: run_guards.HealthMonitor | None = None
+        self.probe_ids: list[int] | None = None
+        self.probe_every = 0
+        self._probed_step = -1
         if self.use_vllm:  # TRL's and our eval callback's syncs both go through this attribute
             sync = self.vllm_generation.sync_weights
 
             def timed_sync(*a, **k):
-                with self.clock.section("weight_sync"):
-                    return sync(*a, **k)
+                with self.clock.section("weight_sync"), run_guards.waiting_on(self._sync_what()):
+                    out = sync(*a, **k)
+                run_guards.beat("weight sync finished")
+                self._maybe_probe()
+                return out
 
             self.vllm_generation.sync_weights = timed_sync
             if hasattr(self.model, "peft_config"):
                 exact_lora_sync(self.vllm_generation)
         self.add_callback(_StepTimer(self))
 
+    # --- run guards: what a stall line names, and the engine probe ----------------------------
+    def _server_url(self) -> str | None:
+        client = getattr(getattr(self, "vllm_generation", None), "vllm_client", None)
+        return getattr(client, "base_url", None)
+
+    def _generation_what(self) -> str:
+        url = self._server_url()
+        if url:
+            return f"POST {url}/v1/completions (training generation, TRL's vLLM client)"
+        return f"training generation ({'colocated vLLM' if self.use_vllm else 'transformers'})"
+
+    def _sync_what(self) -> str:
+        url = self._server_url()
+        if url:
+            return f"weight sync to the vLLM server {url} (NCCL collective)"
+        return "weight sync to the colocated vLLM engine"
+
+    def _maybe_probe(self) -> None:
+        """The engine-not-following check, at the first sync after an optimizer step and then
+        every probe_every steps: the engine's and the trainer's logprobs of one fixed sequence."""
+        step, mon = self.state.global_step, self.health_monitor
+        if mon is None or not self.probe_ids or step < 1 or step == self._probed_step:
+            return
+        if self._probed_step >= 0 and not (self.probe_every and step % self.probe_every == 0):
+            return
+        self._probed_step = step
+        with self.clock.section("health_probe"):
+            model = self.accelerator.unwrap_model(self.model)
+            url, ids = self._server_url(), self.probe_ids
+            if url:
+                model_name = self.vllm_generation.vllm_client.model  # served name, as TRL sends it
+                engine = run_guards.server_logprobs(url, model_name, ids)
+            else:
+                engine = run_guards.colocate_logprobs(self.vllm_generation.llm, ids)
+            mon.after_sync(lambda: (engine, run_guards.trainer_logprobs(model, ids)))
+
     # --- timing: each override calls TRL's method unchanged -----------------------------------
     def _generate(self, prompts: list):
-        with self.clock.section("generation"):
+        with self.clock.section("generation"), run_guards.waiting_on(self._generation_what()):
             out = super()._generate(prompts)
+        run_guards.beat("training generation finished")
         self._generated_tokens += sum(len(ids) for ids in out[1])  # out[1]: completion_ids
         if self.use_vllm and out[4] is not None and (self.top_k > 0 or self.top_p < 1):
             with self.clock.section("train"):  # a log-prob pass, like TRL's old-log-prob one
@@ -535,6 +583,8 @@ class EvalCallback(TrainerCallback):
 
     def run(self, state, control, args, whole: bool = True) -> None:
         t = self.trainer
+        if t.health_monitor is not None and t.health_monitor.stopped:
+            return  # the weights that stopped the run would only crash the sampler
         if t.use_vllm and state.global_step != t._last_loaded_step:
             # TRL pushes weights lazily before its next generation; evaluate what we claim.
             t.vllm_generation.sync_weights()
@@ -551,7 +601,9 @@ class EvalCallback(TrainerCallback):
             should_log = control.should_log
             t.callback_handler.on_log(args, state, control, logs=logs)
             control.should_log = should_log
-        t.accelerator.wait_for_everyone()
+        with run_guards.waiting_on("the processes' barrier after an evaluation (collective)"):
+            t.accelerator.wait_for_everyone()
+        run_guards.beat(f"evaluation at step {state.global_step} finished")
 
     def on_train_begin(self, args, state, control, **kw):
         if state.global_step == 0:

@@ -535,6 +535,18 @@ server_tail() {
     tail -n "${LOG_TAIL_LINES:-40}" "$SERVER_LOG" >&2
 }
 
+# A failed run ends with both logs' last lines: the trainer's error (a stall or health line
+# names the stuck call) next to what the server said last.
+both_tails() {
+    if [[ -n ${TEE_PID:-} ]]; then
+        # A trainer that has exited: let tee write its last lines first.
+        if [[ -z $TRAINER_PID ]] || ! kill -0 "$TRAINER_PID" 2>/dev/null; then close_tee; fi
+        log "last lines of $TRAIN_LOG:"
+        tail -n "${LOG_TAIL_LINES:-40}" "$TRAIN_LOG" >&2
+    fi
+    if [[ -n $SERVER_PID ]]; then server_tail; fi
+}
+
 # Poll /health until it answers 200; fail if the local server dies or HEALTH_TIMEOUT passes.
 health_ok() {
     if command -v curl >/dev/null; then
@@ -560,7 +572,7 @@ exit_if_server_died() {
     if [[ -n $SERVER_PID ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
         wait "$SERVER_PID" || rc=$?
         log "the vLLM server exited with status $rc $1"
-        server_tail
+        both_tails
         exit 1
     fi
 }
@@ -633,5 +645,6 @@ if ((status == 0)); then
     log "training finished"
 else
     log "the trainer exited with status $status (log: $TRAIN_LOG)"
+    both_tails
 fi
 exit "$status"

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from errors import ConfigError, DataError
+from run_guards import HEALTH_MODES
 
 
 def torch_threads(requested: int) -> tuple[int, str]:
@@ -278,6 +279,8 @@ def validate(cfg, tasks: dict, in_memory_models: tuple[str, ...] = ()) -> None:
     )
     need(cfg.overlong_penalty >= 0, "overlong_penalty: must be >= 0")
     need(cfg.grader_timeout > 0 and cfg.sandbox_timeout > 0, "timeouts must be > 0")
+    need(cfg.stall_timeout >= 0, "stall_timeout: must be >= 0 (0 = off)")
+    need(cfg.health in HEALTH_MODES, f"health: {' | '.join(HEALTH_MODES)}")
     if cfg.report_to == "wandb":
         need(
             bool(os.environ.get("WANDB_API_KEY"))

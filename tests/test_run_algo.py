@@ -482,6 +482,9 @@ def test_trainer_failure_status_is_returned_and_server_stopped(make_run):
     rc, _, err = run.run()
     assert rc == 7, err
     run.assert_server_gone()
+    # A failed run ends with the last lines of both logs, the trainer's error and the server's.
+    assert "last lines of " in err and "stub trainer exits with 7" in err
+    assert "stub vllm-serve: ready" in err
 
 
 def test_server_ignoring_sigterm_is_killed(make_run):
@@ -536,10 +539,13 @@ def test_health_timeout_is_reported(make_run):
 def test_server_dying_during_training_stops_the_trainer(make_run):
     run = make_run(STUB_TRAIN_SLEEP="60").start()
     trainer = wait_for(lambda: run.trainer, 15, "the trainer to start")
+    log = Path(run.env["LOG_DIR"]) / f"train_gsm8k_{run.port}.log"
+    wait_for(lambda: "running on GPUs" in log.read_text(), 15, "the trainer's first line")
     os.kill(run.server["pid"], signal.SIGKILL)
     rc, _, err = run.finish(timeout=15)
     assert rc != 0
     assert "during training" in err
+    assert "stub vllm-serve: ready" in err and "running on GPUs" in err
     wait_for(lambda: not alive(trainer["pid"]), 5, "the trainer to be gone")
     run.assert_server_gone()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -512,6 +513,78 @@ def test_colocate_lora_keeps_the_frozen_base_exact(model_dir, tmp_path):
     for name, p in trained.items():
         assert torch.equal(p.detach(), reloaded[name].detach()), name
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# Run guards (run_guards.py): a server killed mid-evaluation, an engine left with stale weights
+# ------------------------------------------------------------------------------------------------
+def test_server_killed_during_eval_only_ends_the_run_naming_it(model_dir, tmp_path):
+    (tmp_path / "own").mkdir()
+    served = Served(model_dir, tmp_path / "own")  # its own server: this test kills it
+    out, stall = tmp_path / "eval", 60
+    errfile = tmp_path / "trainer.err"
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train_trl_grpo.py"), "--smoke", "--model-id", model_dir]
+            + ["--eval-only", "--vllm-mode", "server", "--vllm-port", str(served.port)]
+            + ["--max-eval-samples", "48", "--eval-samples", "16", "--eval-ks", "1"]
+            + ["--max-completion-length", "256", "--output-dir", str(out)]
+            + ["--stall-timeout", str(stall)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=errfile.open("w"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 600
+        while "eval" not in errfile.read_text():  # its requests are on their way
+            assert proc.poll() is None and time.monotonic() < deadline, errfile.read_text()
+            time.sleep(0.2)
+        time.sleep(1)
+        for line in _processes_mentioning(f"--port {served.port} "):  # the server, killed
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        killed = time.monotonic()
+        rc = proc.wait(stall + 60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        served.stop()
+    err = errfile.read_text()
+    assert rc != 0 and elapsed < stall + 30, err[-3000:]
+    lines = [x for x in re.split(r"[\r\n]", err) if x.startswith(("error:", "stalled:"))]
+    assert len(lines) == 1 and f"http://127.0.0.1:{served.port}" in lines[0], err[-3000:]
+    assert not (out / "summary.json").exists()  # no numbers from a half-answered evaluation
+    assert _processes_mentioning(str(out)) == []  # nothing of the run is left
+
+
+@pytest.mark.parametrize("pushed", [True, False])
+def test_engine_not_following_trips_when_the_weights_are_not_pushed(
+    pushed, model_dir, tmp_path, monkeypatch, capsys
+):
+    if not pushed:  # the sync that never reaches the engine
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        monkeypatch.setattr(VLLMGeneration, "sync_weights", lambda self: None)
+
+    # Longer is better: a reward that varies within groups, so the weights really move.
+    def length(completions, **_):
+        return [len(c) / 100 for c in completions]
+
+    monkeypatch.setattr(ttg, "training_rewards", lambda *a, **k: ([length], [1.0]))
+    out = tmp_path / "run"
+    argv = ["--smoke", "--model-id", model_dir, "--vllm-mode", "colocate", "--total-steps", "2"]
+    argv += ["--lr", "0.05", "--eval-samples", "0", "--max-completion-length", "12"]
+    argv += ["--output-dir", str(out), "--save-steps", "100"]
+    assert ttg.main(argv) == 0  # warn: the run goes on
+    err = capsys.readouterr().err
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    steps = [x for x in logs if "reward" in x]
+    assert len(steps) == 2 and steps[0]["time/health_probe"] == 0  # probed after step 1 only
+    assert steps[1]["time/health_probe"] > 0
+    tripped = json.loads((out / "summary.json").read_text())["health"]["tripped"]
+    assert ("engine_not_following" in tripped) == (not pushed), err[-3000:]
+    assert steps[1]["health/engine_not_following"] == float(not pushed)
+    assert ("engine not following" in err) == (not pushed)
 
 
 # ------------------------------------------------------------------------------------------------
