@@ -6,7 +6,7 @@ one process, interleaved (bare, harness, harness, bare, ...) so that machine dri
 
 * harness: the real path of train_trl_grpo.py: resolve_config(["--smoke", ...]), load_tokenizer,
   load_rows/to_examples, build_smoke_model, make_reward_funcs (math-verify in the isolated
-  grader pool), build_trainer(...), add_run_guards(...) with the stall watchdog, trainer.train().
+  grader pool), build_trainer(...), run_guards.attach(...) with the stall watchdog, trainer.train().
 * bare: what a TRL user would write: GRPOConfig(...) with the same numbers, the prompts built
   with the tokenizer's chat template, and two reward functions that call math_verify.parse/verify
   in-process against the gold and check for a \\boxed{} answer.
@@ -149,7 +149,8 @@ def run_harness(args, out_dir: str, timer: StepTimer):
         cfg, model, tok, examples, funcs, harness.reward_weights(cfg), callbacks
     )
     # The run guards on, as train_trl_grpo.py runs them: health checks and the stall watchdog.
-    harness.add_run_guards(cfg, trainer, tok, examples)
+    max_reward = cfg.correctness_weight + cfg.format_weight
+    harness.run_guards.attach(trainer, cfg.health, max_reward, [], cfg.eval_every)  # no vLLM here
     harness.run_guards.start_watchdog(cfg.stall_timeout, out_dir)
     try:
         trainer.train()
@@ -194,6 +195,9 @@ def bare_config(cfg, out_dir: str):
         use_cpu=True,
         report_to="none",
         save_strategy="no",
+        # Neither changes a step: kept equal so the config check compares what does.
+        save_total_limit=cfg.save_total_limit or None,
+        ddp_timeout=cfg.ddp_timeout,
         logging_steps=cfg.logging_steps,
     )
 
