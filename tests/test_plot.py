@@ -10,6 +10,8 @@ import run_log
 import train_trl_grpo as T
 from grpo_extensions import TIME_KEYS
 
+STEP_SECONDS = float(sum(range(1, len(TIME_KEYS) + 1)))  # part i takes i + 1 seconds
+
 
 def _log() -> list[dict]:
     return [
@@ -26,7 +28,7 @@ def _log() -> list[dict]:
             "sampling/importance_sampling_ratio/min": 0.9,
             "sampling/importance_sampling_ratio/max": 1.1,
             **{f"time/{k}": float(i + 1) for i, k in enumerate(TIME_KEYS)},
-            "time/step": 15.0,
+            "time/step": STEP_SECONDS,
             "generation/tokens_per_s": 100.0,
             "frac_reward_zero_std": 0.3,
             "dynamic_sampling/dropped_frac": 0.3,
@@ -60,7 +62,7 @@ def test_metrics_figure_panels_and_eval_bands(tmp_path):
     time_ax = panels["time per step (4 steps)"]
     assert [c.get_label() for c in time_ax.containers] == list(TIME_KEYS)
     tops = [sum(c.patches[i].get_height() for c in time_ax.containers) for i in range(4)]
-    assert tops == [15.0] * 4  # stacked: the parts add up to the step
+    assert tops == [STEP_SECONDS] * 4  # stacked: the parts add up to the step
     (band,) = panels["evaluation (bands: 95 % CI where computed)"].collections
     ys = band.get_paths()[0].vertices[:, 1]
     assert np.isclose(ys.min(), 0.1) and np.isclose(ys.max(), 0.5)
