@@ -96,3 +96,19 @@ def fast_time(monkeypatch: pytest.MonkeyPatch, module) -> list[float]:
     fake = types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic, time=time.time)
     monkeypatch.setattr(module, "time", fake)
     return sleeps
+
+
+def run_unprivileged(script: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`python -c script` as uid/gid 65534 (nobody), from /, with PATH (and `env`) alone. The
+    interpreter may live under a 0700 home (e.g. pyenv in /root): the ambient
+    CAP_DAC_READ_SEARCH lets that user start it, and the sandbox's workers drop it."""
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    cmd += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
+    return subprocess.run(
+        [*cmd, sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        cwd="/",
+    )

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import run_unprivileged
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -427,18 +427,7 @@ def test_unprivileged_user(host):
     cases = {n: ADVERSARIAL[n].format(**host) for n in names}
     os.chmod(host["victim"], 0o777)  # make the victim reachable, so only the sandbox protects it
     script = UNPRIVILEGED_SCRIPT.format(root=str(ROOT), cases=cases)
-    # The interpreter may live under a 0700 home (e.g. pyenv in /root); the ambient
-    # CAP_DAC_READ_SEARCH lets the unprivileged user start it. The sandbox's workers drop it.
-    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-    cmd += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "WANDB_API_KEY": SECRET},
-        cwd="/",
-    )
+    proc = run_unprivileged(script, timeout=60, WANDB_API_KEY=SECRET)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for layer in ("rlimits", "clean-env", "deadline", "seccomp"):

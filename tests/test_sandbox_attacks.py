@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import run_unprivileged
 
 import code_sandbox
 from code_sandbox import Program, Result, Sandbox
@@ -431,16 +431,7 @@ def test_attacks_as_an_unprivileged_user():
         cases.append((f"def f(x):\n    return open('{d}/{TOKEN}').read()", ["assert f(1) == 'x'"]))
     root = str(Path(__file__).resolve().parents[1])
     script = UNPRIVILEGED.format(root=root, cases=cases)
-    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-    cmd += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        cwd="/",
-    )
+    proc = run_unprivileged(script)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for (hostile, good), (code, _) in zip(json.loads(proc.stdout), cases, strict=True):
         assert hostile[0] == 0, code

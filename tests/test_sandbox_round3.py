@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import run_unprivileged
 
 import code_sandbox
 from code_sandbox import Program, Sandbox
@@ -570,19 +571,9 @@ print(json.dumps(pids))
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="root + setpriv")
 def test_an_unprivileged_worker_is_not_replaced_after_every_program():
-    import subprocess
 
     root = str(Path(__file__).resolve().parents[1])
-    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-    cmd += ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, "-c", KEEPS_WORKER.format(root=root)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        cwd="/",
-    )
+    proc = run_unprivileged(KEEPS_WORKER.format(root=root))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(set(json.loads(proc.stdout))) == 1, proc.stdout
 
