@@ -21,9 +21,11 @@ Read it top to bottom; it follows the pipeline:
     7. Main        - start-up checks, then one mode: train, --dry-run, --eval-only, --score,
                      --verify-gold, --plot, --compare (compare.py)
 
-Plumbing lives beside it: config_cli.py (flags, env, .env), startup.py (checks before anything
-heavy loads), generation.py (evaluation backends), eval_stats.py (pass@k, intervals), run_log.py
-(log.jsonl, tables, metrics.png), grader_pools.py (worker pools), errors.py.
+Plumbing lives beside it: config_cli.py (flags, env, .env), startup.py (validate and the checks
+before anything heavy loads), data_io.py (reading splits), models.py (loading tokenizer and model),
+generation.py (evaluation backends), eval_stats.py (pass@k, intervals), run_log.py (log.jsonl,
+tables, metrics.png), grader_pools.py (worker pools), run_guards.py (stall watchdog, health
+checks), modes.py (--score, --verify-gold, --eval-only's outputs, --plot), errors.py.
 """
 
 from __future__ import annotations
